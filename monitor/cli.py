@@ -1,0 +1,210 @@
+"""`featurewatch`: run the sidecar, manage rules, watch alerts, run the demo."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="featurewatch: watch SAE features and probes inside served LLMs.", no_args_is_help=True)
+rules_app = typer.Typer(help="Validate, apply and read alert rules.", no_args_is_help=True)
+alerts_app = typer.Typer(help="Read the alert and audit event stream.", no_args_is_help=True)
+steering_app = typer.Typer(help="The steering kill switch.", no_args_is_help=True)
+app.add_typer(rules_app, name="rules")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(steering_app, name="steering")
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_ADDRESS = "unix:///tmp/featurewatch.sock"
+AddressOpt = typer.Option(DEFAULT_ADDRESS, "--address", "-a", envvar="FEATUREWATCH_ADDRESS",
+                          help="Sidecar gRPC address: unix:///path or host:port.")
+TokenOpt = typer.Option(None, "--token", envvar="FEATUREWATCH_ADMIN_TOKEN", help="Admin bearer token.")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    err.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+@app.command()
+def serve(config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="Sidecar YAML config."),
+          log_level: str = typer.Option("INFO", help="Python log level.")) -> None:
+    """Run the sidecar: gRPC ingest + admin (Unix socket and TCP), health, /metrics."""
+    from monitor.config import ConfigError, load_config
+    from monitor.evaluate.rules import RulesInvalid
+    from monitor.sidecar import serve as run
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_config(config)
+        asyncio.run(run(cfg))
+    except (ConfigError, RulesInvalid) as exc:
+        _fail(str(exc), 2)
+
+
+@rules_app.command("validate")
+def rules_validate(file: Path = typer.Argument(..., exists=True, dir_okay=False),
+                   config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also check sources, features and probes against this sidecar config.")) -> None:
+    """Check a rules file; with --config, compile it against the configured SAEs and probes."""
+    from monitor.evaluate.rules import RulesInvalid, load_rules_file
+
+    try:
+        if config is None:
+            spec = load_rules_file(file)
+            n_rules, n_policies = len(spec.rules), len(spec.policies)
+        else:
+            from monitor.config import ConfigError, load_config
+            from monitor.encode.stage import Dictionaries
+            from monitor.evaluate.compiler import load_and_compile
+
+            try:
+                cfg = load_config(config)
+            except ConfigError as exc:
+                _fail(str(exc), 2)
+            compiled = load_and_compile(file, Dictionaries(cfg.sources))
+            n_rules, n_policies = len(compiled.rules), len(compiled.policies)
+    except RulesInvalid as exc:
+        for e in exc.errors:
+            err.print(f"[red]✗[/red] {e}")
+        raise typer.Exit(1)
+    checked = "schema and references" if config else "schema only (pass --config to check references)"
+    console.print(f"[green]✓[/green] {file}: {n_rules} rules, {n_policies} policies valid ({checked})")
+
+
+def _admin(address: str, token: Optional[str]):
+    import grpc
+
+    from monitor.protocol import pb_grpc
+
+    if not token:
+        _fail("an admin token is required: --token or $FEATUREWATCH_ADMIN_TOKEN", 2)
+    channel = grpc.insecure_channel(address)
+    return pb_grpc.AdminStub(channel), [("authorization", f"Bearer {token}")]
+
+
+def _rpc(call):
+    import grpc
+
+    try:
+        return call()
+    except grpc.RpcError as exc:
+        _fail(f"{exc.code().name}: {exc.details()}")
+
+
+@rules_app.command("apply")
+def rules_apply(file: Path = typer.Argument(..., exists=True, dir_okay=False), address: str = AddressOpt,
+                token: Optional[str] = TokenOpt, author: str = typer.Option(os.environ.get("USER", "cli"), help="Recorded in the audit stream."),
+                dry_run: bool = typer.Option(False, "--dry-run", help="Validate and compile on the sidecar only.")) -> None:
+    """Send a rules file to a running sidecar (validated and compiled there before it is stored)."""
+    from monitor.protocol import pb
+
+    stub, md = _admin(address, token)
+    reply = _rpc(lambda: stub.PutRules(pb.PutRulesRequest(yaml=file.read_text(), author=author, dry_run=dry_run), metadata=md, timeout=30))
+    if not reply.ok:
+        for e in reply.errors:
+            where = f"rule {e.rule!r}" if e.rule else "file"
+            err.print(f"[red]✗[/red] {file}: {where} field {e.field!r}: {e.message}")
+        _fail("rules rejected; the sidecar keeps its current rules")
+    verb = "valid (dry run)" if dry_run else f"applied as version {reply.version}"
+    console.print(f"[green]✓[/green] {reply.rules} rules, {reply.policies} policies {verb}")
+
+
+@rules_app.command("get")
+def rules_get(address: str = AddressOpt, token: Optional[str] = TokenOpt) -> None:
+    """Print the rules in force on a running sidecar."""
+    from monitor.protocol import pb
+
+    stub, md = _admin(address, token)
+    reply = _rpc(lambda: stub.GetRules(pb.GetRulesRequest(), metadata=md, timeout=10))
+    err.print(f"# version {reply.version} by {reply.author or '?'} at {time.ctime(reply.updated_unix_s)}")
+    sys.stdout.write(reply.yaml)
+
+
+@steering_app.command("off")
+def steering_off(address: str = AddressOpt, token: Optional[str] = TokenOpt) -> None:
+    """Kill switch: stop all steering on every connected plugin."""
+    _set_steering(address, token, False)
+
+
+@steering_app.command("on")
+def steering_on(address: str = AddressOpt, token: Optional[str] = TokenOpt) -> None:
+    """Re-enable steering."""
+    _set_steering(address, token, True)
+
+
+def _set_steering(address: str, token: Optional[str], enabled: bool) -> None:
+    from monitor.protocol import pb
+
+    stub, md = _admin(address, token)
+    reply = _rpc(lambda: stub.SetSteering(pb.KillSwitchRequest(steering_enabled=enabled, author=os.environ.get("USER", "cli")), metadata=md, timeout=10))
+    console.print(f"steering {'enabled' if reply.steering_enabled else 'disabled'}")
+
+
+@alerts_app.command("tail")
+def alerts_tail(address: str = AddressOpt, token: Optional[str] = TokenOpt,
+                redis_url: Optional[str] = typer.Option(None, "--redis", help="Read the Redis event stream directly instead of a sidecar."),
+                prefix: str = typer.Option("featurewatch", help="Redis key prefix."),
+                last: int = typer.Option(20, "--last", "-n", help="Show this many recent events first."),
+                follow: bool = typer.Option(False, "--follow", "-f", help="Keep printing new events."),
+                as_json: bool = typer.Option(False, "--json", help="One JSON object per line.")) -> None:
+    """Show recent alert/audit events, from a sidecar's admin API or straight from Redis."""
+    printer = _EventPrinter(as_json)
+    if redis_url:
+        from monitor.stores.redis import RedisEventStore
+
+        store = RedisEventStore(redis_url, prefix=prefix)
+        events = store.tail(last)
+        for e in events:
+            printer(e)
+        after = events[-1]["id"] if events else None
+        while follow:
+            for e in store.follow(after, 1000):
+                after = e["id"]
+                printer(e)
+        return
+    from monitor.protocol import pb
+
+    stub, md = _admin(address, token)
+
+    def stream():
+        for msg in stub.TailAlerts(pb.TailAlertsRequest(last=last, follow=follow), metadata=md):
+            printer(json.loads(msg.json))
+
+    try:
+        _rpc(stream)
+    except KeyboardInterrupt:
+        pass
+
+
+class _EventPrinter:
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+
+    def __call__(self, e: dict) -> None:
+        if self.as_json:
+            print(json.dumps(e, default=str), flush=True)
+            return
+        when = time.strftime("%H:%M:%S", time.localtime(float(e.get("unix_s", 0))))
+        kind = e.get("kind", "?")
+        colour = {"alert": "red", "steering": "magenta", "rules": "cyan"}.get(kind, "white")
+        what = e.get("rule") or e.get("policy") or e.get("action") or ""
+        detail = " ".join(f"{k}={e[k]}" for k in ("severity", "api_request_id", "position", "value", "version", "author", "error")
+                          if e.get(k) not in (None, ""))
+        console.print(f"{when} [{colour}]{kind:8}[/{colour}] {what} {detail}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Sidecar configuration: a small typed object, loaded from YAML, with errors that name the field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SourceConfig(_Strict):
+    """A dictionary the encode stage runs on one layer: an SAE directory/file or a probe bank."""
+
+    name: str = Field(pattern=r"^[a-zA-Z_][a-zA-Z0-9_\-]*$")
+    kind: Literal["sae", "probes"]
+    layer: int = Field(ge=0)
+    path: Path
+    format: str | None = None  # SAE format override (auto-detected when omitted)
+
+
+class StoreConfig(_Strict):
+    kind: Literal["memory", "redis"] = "memory"
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "featurewatch"
+    events_maxlen: int = Field(default=100_000, ge=100)
+    reconcile_interval_s: float = Field(default=10.0, gt=0)
+
+
+class LimitsConfig(_Strict):
+    """Bounds on everything the sidecar buffers; what does not fit is dropped and counted."""
+
+    max_batch_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    max_tokens_per_batch: int = Field(default=65_536, ge=1)
+    queue_batches: int = Field(default=64, ge=1)
+    queue_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    max_tracked_requests: int = Field(default=100_000, ge=1)
+    request_idle_timeout_s: float = Field(default=600.0, gt=0)
+
+
+class SteeringConfig(_Strict):
+    enabled: bool = True
+    failure_mode: Literal["open", "closed"] = "open"
+
+
+class TracingConfig(_Strict):
+    """OpenTelemetry spans for alerts and steering; `exporter: none` still records exemplars."""
+
+    exporter: Literal["none", "console", "otlp", "memory"] = "none"
+    endpoint: str | None = None
+    service_name: str = "featurewatch-sidecar"
+
+
+class SidecarConfig(_Strict):
+    model_name: str = "unknown"
+    socket: Path | None = Path("/tmp/featurewatch.sock")
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int | None = Field(default=50051, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"
+    metrics_port: int | None = Field(default=9400, ge=0, le=65535)
+    admin_token_env: str = "FEATUREWATCH_ADMIN_TOKEN"
+    sources: list[SourceConfig] = Field(default_factory=list)
+    tap_layers: list[int] | None = None  # default: the layers the sources need
+    token_scope: Literal["all", "prompt", "generated"] = "all"
+    rules_file: Path | None = None
+    rules_poll_interval_s: float = Field(default=1.0, gt=0)
+    store: StoreConfig = StoreConfig()
+    limits: LimitsConfig = LimitsConfig()
+    steering: SteeringConfig = SteeringConfig()
+    tracing: TracingConfig = TracingConfig()
+    encode_device: str = "cpu"
+    encode_threads: int | None = None
+
+    @field_validator("sources")
+    @classmethod
+    def _unique_names(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"source names must be unique, repeated: {dupes}")
+        return sources
+
+    @property
+    def admin_token(self) -> str | None:
+        return os.environ.get(self.admin_token_env) or None
+
+    def layers(self) -> list[int]:
+        return sorted(set(self.tap_layers or [s.layer for s in self.sources]))
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be used; the message names the file, field and value."""
+
+
+def load_config(path: str | Path) -> SidecarConfig:
+    """Read a YAML config; relative source/rules paths resolve against the file's directory."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
+    base = path.parent
+    for source in raw.get("sources") or []:
+        if isinstance(source, dict) and "path" in source and not Path(source["path"]).is_absolute():
+            source["path"] = str(base / source["path"])
+    if raw.get("rules_file") and not Path(raw["rules_file"]).is_absolute():
+        raw["rules_file"] = str(base / raw["rules_file"])
+    try:
+        return SidecarConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(path, exc)) from exc
+
+
+def format_validation_error(path: str | Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)

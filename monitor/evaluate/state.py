@@ -1,0 +1,208 @@
+"""Per-request evaluation state: dedupe by (request, layer, position), windows, fire-once verdicts.
+
+Work is vectorised per batch; Python only runs per (request, rule) pair that matched, which is rare.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from monitor.evaluate.compiler import CompiledRule, CompiledRules
+
+
+@dataclass
+class RequestInfo:
+    """What the plugin told us about a request when it started."""
+
+    request_id: str
+    api_request_id: str = ""
+    metadata: dict = field(default_factory=dict)
+    traceparent: str = ""
+    stream: object = None  # the ingest stream that carries it (where directives go)
+    steering_policy: str = ""
+
+
+@dataclass
+class RequestState:
+    info: RequestInfo
+    n_rules: int
+    next_position: dict = field(default_factory=dict)  # layer -> first position not yet seen
+    counts: np.ndarray = None
+    ema: np.ndarray = None
+    fired: np.ndarray = None
+    touched: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.resize(self.n_rules)
+
+    def resize(self, n_rules: int) -> None:
+        """A new rule set starts every window afresh for requests in flight."""
+        self.n_rules = n_rules
+        self.counts = np.zeros(n_rules, dtype=np.int64)
+        self.ema = np.full(n_rules, np.nan)
+        self.fired = np.zeros(n_rules, dtype=bool)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A rule fired for a request at a token."""
+
+    rule: CompiledRule
+    request: RequestInfo
+    position: int
+    value: float
+    rules_version: int
+
+
+@dataclass
+class LayerBatch:
+    """One layer's slice of a decoded activation batch, after dedupe."""
+
+    layer: int
+    request_ids: list
+    token_request: np.ndarray  # [N] int index into request_ids
+    positions: np.ndarray  # [N] int64
+    generated: np.ndarray  # [N] bool
+
+
+class RequestTable:
+    """Bounded table of requests in flight (LRU eviction counted), with the evaluation logic."""
+
+    def __init__(self, max_requests: int, idle_timeout_s: float) -> None:
+        self.max_requests = max_requests
+        self.idle_timeout_s = idle_timeout_s
+        self._states: OrderedDict[str, RequestState] = OrderedDict()
+        self.evicted = 0
+        self.deduplicated_tokens = 0
+        self._n_rules = 0
+
+    def __len__(self) -> int:
+        return len(self._states)
+
+    def get(self, request_id: str) -> RequestState | None:
+        return self._states.get(request_id)
+
+    def start(self, info: RequestInfo) -> RequestState:
+        state = self._states.get(info.request_id)
+        if state is None:
+            state = RequestState(info, self._n_rules)
+            self._states[info.request_id] = state
+            self._evict()
+        else:
+            state.info = info
+        return state
+
+    def finish(self, request_id: str) -> RequestState | None:
+        return self._states.pop(request_id, None)
+
+    def reset_rules(self, n_rules: int) -> None:
+        self._n_rules = n_rules
+        for state in self._states.values():
+            state.resize(n_rules)
+
+    def expire_idle(self) -> int:
+        cutoff = time.monotonic() - self.idle_timeout_s
+        stale = [rid for rid, s in self._states.items() if s.touched < cutoff]
+        for rid in stale:
+            del self._states[rid]
+        return len(stale)
+
+    def _evict(self) -> None:
+        while len(self._states) > self.max_requests:
+            self._states.popitem(last=False)
+            self.evicted += 1
+
+    def _state_for(self, request_id: str) -> RequestState:
+        state = self._states.get(request_id)
+        if state is None:  # batch before RequestStart (or after a sidecar restart): track anyway
+            state = self.start(RequestInfo(request_id))
+        self._states.move_to_end(request_id)
+        state.touched = time.monotonic()
+        return state
+
+    def dedupe(self, batch: LayerBatch) -> np.ndarray:
+        """Mask of tokens not seen before for their (request, layer); advances the high-water mark."""
+        states = [self._state_for(rid) for rid in batch.request_ids]
+        floor = np.array([s.next_position.get(batch.layer, 0) for s in states], dtype=np.int64)
+        keep = batch.positions >= floor[batch.token_request] if len(states) else np.zeros(0, bool)
+        if len(batch.positions):
+            high = np.full(len(states), -1, dtype=np.int64)
+            np.maximum.at(high, batch.token_request, batch.positions)
+            for state, top in zip(states, high):
+                if top >= 0:
+                    state.next_position[batch.layer] = max(state.next_position.get(batch.layer, 0), int(top) + 1)
+        self.deduplicated_tokens += int((~keep).sum())
+        return keep
+
+    def evaluate(self, rules: CompiledRules, batch: LayerBatch, signals: np.ndarray, keep: np.ndarray) -> list[Verdict]:
+        """Update windows for every rule on this layer and return the rules that fired now."""
+        verdicts: list[Verdict] = []
+        scope_masks = {0: keep, 1: keep & ~batch.generated, 2: keep & batch.generated}
+        for rule in rules.rules_on(batch.layer):
+            in_scope = scope_masks[rule.scope]
+            if not in_scope.any():
+                continue
+            values = signals[:, rule.column]
+            if rule.window == "ema":
+                verdicts.extend(self._ema(rules.version, rule, batch, values, in_scope))
+                continue
+            hits = np.nonzero(in_scope & (values > rule.above))[0]
+            if hits.size == 0:
+                continue
+            for req in np.unique(batch.token_request[hits]):
+                state = self._state_for(batch.request_ids[req])
+                mine = hits[batch.token_request[hits] == req]
+                before = state.counts[rule.index]
+                state.counts[rule.index] += mine.size
+                if not state.fired[rule.index] and state.counts[rule.index] >= rule.count_n:
+                    state.fired[rule.index] = True
+                    at = mine[rule.count_n - before - 1]
+                    verdicts.append(Verdict(rule, state.info, int(batch.positions[at]), float(values[at]), rules.version))
+        return verdicts
+
+    def _ema(self, version: int, rule: CompiledRule, batch: LayerBatch, values: np.ndarray, in_scope: np.ndarray) -> list[Verdict]:
+        verdicts = []
+        idx = np.nonzero(in_scope)[0]
+        for req in np.unique(batch.token_request[idx]):
+            state = self._state_for(batch.request_ids[req])
+            mine = idx[batch.token_request[idx] == req]
+            mine = mine[np.argsort(batch.positions[mine], kind="stable")]
+            trace = ema_trace(values[mine].astype(np.float64), rule.ema_alpha, state.ema[rule.index])
+            state.ema[rule.index] = trace[-1]
+            if state.fired[rule.index]:
+                continue
+            above = np.nonzero(trace > rule.above)[0]
+            if above.size:
+                state.fired[rule.index] = True
+                at = mine[above[0]]
+                verdicts.append(Verdict(rule, state.info, int(batch.positions[at]), float(trace[above[0]]), version))
+        return verdicts
+
+
+def ema_trace(values: np.ndarray, alpha: float, start: float) -> np.ndarray:
+    """EMA after each value, seeded by `start` (NaN: seeded by the first value).
+
+    Vectorised in chunks of 32 with the closed form e_t = d^t (e_0 + sum_s alpha v_s d^-s),
+    d = 1 - alpha, whose d^-t factor stays finite in float64 over a chunk."""
+    out = np.empty_like(values)
+    if values.size == 0:
+        return out
+    first = 0
+    if np.isnan(start):
+        start, out[0], first = values[0], values[0], 1
+    decay = 1.0 - alpha
+    for lo in range(first, len(values), 32):
+        chunk = values[lo:lo + 32]
+        if decay == 0.0:
+            out[lo:lo + len(chunk)] = chunk
+        else:
+            t = np.arange(1, len(chunk) + 1)
+            out[lo:lo + len(chunk)] = decay ** t * (start + np.cumsum(alpha * chunk * decay ** -t))
+        start = out[lo + len(chunk) - 1]
+    return out

@@ -1,0 +1,1 @@
+"""The export stage: Prometheus metrics, alert/audit events, OpenTelemetry spans."""

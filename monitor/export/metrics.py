@@ -1,0 +1,124 @@
+"""Prometheus metrics (DESIGN.md §6): `featurewatch_` prefix, base units, bounded labels.
+
+Updated once per batch, never per token: label children are cached and per-token distributions
+(probe scores) are binned with numpy into a histogram collector.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SCORE_BUCKETS = tuple(round(x, 2) for x in np.linspace(0.05, 1.0, 20))
+
+
+class BatchHistogram:
+    """A histogram fed whole arrays at a time (np.histogram), exposed as a normal Prometheus histogram."""
+
+    def __init__(self, name: str, documentation: str, labelnames: tuple[str, ...], buckets: tuple[float, ...]):
+        self.name, self.documentation, self.labelnames = name, documentation, labelnames
+        self.edges = np.array(buckets, dtype=np.float64)
+        self._series: dict[tuple, list] = {}
+        self._lock = threading.Lock()
+
+    def observe_many(self, labels: tuple, values: np.ndarray) -> None:
+        if values.size == 0:
+            return
+        cumulative = np.searchsorted(np.sort(values), self.edges, side="right")
+        with self._lock:
+            series = self._series.setdefault(labels, [np.zeros(len(self.edges), np.int64), 0, 0.0])
+            series[0] += cumulative
+            series[1] += int(values.size)
+            series[2] += float(values.sum())
+
+    def collect(self):
+        family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labelnames))
+        with self._lock:
+            for labels, (cumulative, count, total) in self._series.items():
+                buckets = [(str(float(e)), int(c)) for e, c in zip(self.edges, cumulative)] + [("+Inf", count)]
+                family.add_metric(list(labels), buckets, total)
+        yield family
+
+
+class SidecarMetrics:
+    """Every metric the sidecar exports, on its own registry."""
+
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+        self.model_name = model_name
+        r = self.registry = registry or CollectorRegistry()
+        p = "featurewatch_"
+        self.batches_received = Counter(p + "batches_received", "Activation batches received from plugins.", ["model_name", "engine"], registry=r)
+        self.batches_dropped = Counter(p + "batches_dropped", "Activation batches rejected or dropped, by reason.", ["reason"], registry=r)
+        self.bytes_received = Counter(p + "received_bytes", "Activation payload bytes accepted.", ["model_name"], registry=r)
+        self.tokens_processed = Counter(p + "tokens_processed", "Token rows evaluated, per layer and scope.", ["model_name", "layer", "scope"], registry=r)
+        self.tokens_deduplicated = Counter(p + "tokens_deduplicated", "Token rows skipped as already seen (preemption, re-sends).", ["model_name"], registry=r)
+        self.feature_active = Counter(p + "feature_active_tokens", "Tokens on which a rule-referenced SAE feature was active (> 0).", ["model_name", "source", "feature"], registry=r)
+        self.probe_score = BatchHistogram(p + "probe_score", "Per-token calibrated probe probability.", ("model_name", "probe"), SCORE_BUCKETS)
+        r.register(self.probe_score)
+        self.rule_matched = Counter(p + "rule_matched_tokens", "In-scope tokens above a rule's threshold.", ["model_name", "rule"], registry=r)
+        self.alerts = Counter(p + "alerts", "Rules fired (once per request), with trace-id exemplars.", ["model_name", "rule", "severity"], registry=r)
+        self.rule_info = Gauge(p + "rule_info", "Loaded rules and their routing labels (always 1).", ["rule", "severity", "owner", "signal"], registry=r)
+        self.rules_version = Gauge(p + "rules_version", "Version of the rule set in force.", registry=r)
+        self.rule_reloads = Counter(p + "rule_reloads", "Rule reload attempts by result.", ["result"], registry=r)
+        self.steering_actions = Counter(p + "steering_actions", "Steering directives issued or policies applied.", ["model_name", "rule", "action", "trigger"], registry=r)
+        self.steering_enabled = Gauge(p + "steering_enabled", "1 when steering is enabled (the kill switch is off).", registry=r)
+        self.steering_failure_mode = Gauge(p + "steering_failure_mode", "Steering failure mode in force (1 on the active mode).", ["mode"], registry=r)
+        self.queue_depth = Gauge(p + "queue_depth", "Items waiting in a pipeline stage.", ["stage"], registry=r)
+        self.queue_capacity = Gauge(p + "queue_capacity", "Capacity of a pipeline stage queue.", ["stage"], registry=r)
+        self.encode_seconds = Histogram(p + "encode_seconds", "Encode time per batch and layer.", ["layer"], buckets=LATENCY_BUCKETS, registry=r)
+        self.token_to_verdict = Histogram(p + "token_to_verdict_seconds", "From capture in the worker to evaluated verdict.", buckets=LATENCY_BUCKETS, registry=r)
+        self.steering_decision = Histogram(p + "steering_decision_seconds", "From capture of the firing token to directive sent.", buckets=LATENCY_BUCKETS, registry=r)
+        self.events = Counter(p + "events", "Alert/audit events written to the event store.", ["kind"], registry=r)
+        self.events_dropped = Counter(p + "events_dropped", "Events that could not be written, by reason.", ["reason"], registry=r)
+        self.store_errors = Counter(p + "store_errors", "Errors talking to a store.", ["store", "op"], registry=r)
+        self.requests = Counter(p + "requests", "Requests seen (RequestStart).", ["model_name"], registry=r)
+        self.requests_tracked = Gauge(p + "requests_tracked", "Requests with evaluation state in memory.", registry=r)
+        self.requests_evicted = Counter(p + "requests_evicted", "Request states evicted (table full or idle).", ["reason"], registry=r)
+        self.plugin_connected = Gauge(p + "plugin_connected", "Plugin streams connected.", ["model_name", "engine"], registry=r)
+        self.plugin_dropped = Counter(p + "plugin_batches_dropped", "Batches the plugin dropped before sending (queue full).", ["model_name", "engine"], registry=r)
+        self.plugin_enqueue_sum = Counter(p + "plugin_enqueue_seconds", "Time the forward pass spent enqueueing batches for the sidecar.", ["model_name", "engine"], registry=r)
+        self.plugin_enqueue_count = Counter(p + "plugin_enqueued_batches", "Batches enqueued by the plugin.", ["model_name", "engine"], registry=r)
+        self.plugin_reconnects = Counter(p + "plugin_reconnects", "Plugin reconnects to the sidecar.", ["model_name", "engine"], registry=r)
+        self.plugin_cached_tokens = Counter(p + "plugin_cached_prompt_tokens", "Prompt tokens served from prefix cache, never tapped.", ["model_name", "engine"], registry=r)
+        self.plugin_queue_depth = Gauge(p + "plugin_queue_depth", "Plugin send queue depth.", ["model_name", "engine"], registry=r)
+        self._plugin_seen: dict[tuple, dict] = {}
+
+    def set_rules(self, rules) -> None:
+        """Replace the rule_info series with the rules now in force."""
+        self.rule_info.clear()
+        for rule in rules.rules:
+            signal = f"{rule.key.source}:{rule.key.label}"
+            self.rule_info.labels(rule.name, rule.severity, rule.labels.get("owner", ""), signal).set(1)
+        self.rules_version.set(rules.version)
+
+    def set_steering(self, enabled: bool, failure_mode: str) -> None:
+        self.steering_enabled.set(1 if enabled else 0)
+        for mode in ("open", "closed"):
+            self.steering_failure_mode.labels(mode).set(1 if mode == failure_mode else 0)
+
+    def plugin_stats(self, engine: str, stats) -> None:
+        """PluginStats are cumulative; export the increase since the last report of this engine."""
+        key = (self.model_name, engine)
+        last = self._plugin_seen.get(key, {})
+        fields = {
+            "batches_dropped_queue_full": self.plugin_dropped, "enqueue_seconds_sum": self.plugin_enqueue_sum,
+            "enqueue_count": self.plugin_enqueue_count, "reconnects": self.plugin_reconnects,
+            "cached_prompt_tokens_untapped": self.plugin_cached_tokens,
+        }
+        now = {}
+        for field, counter in fields.items():
+            value = getattr(stats, field)
+            now[field] = value
+            delta = value - last.get(field, 0)
+            if delta > 0:
+                counter.labels(*key).inc(delta)
+        self._plugin_seen[key] = now
+        self.plugin_queue_depth.labels(*key).set(stats.queue_depth)
+
+    def plugin_restarted(self, engine: str) -> None:
+        """A new Hello: the plugin's cumulative counters start again from zero."""
+        self._plugin_seen.pop((self.model_name, engine), None)

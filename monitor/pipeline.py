@@ -1,0 +1,130 @@
+"""The pipeline one batch goes through: encode -> evaluate -> export -> act.
+
+Runs on one worker thread so per-request state needs no locks and verdicts keep token order;
+the rule set is an immutable object swapped atomically by the reloader.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import numpy as np
+
+from monitor.evaluate.compiler import CompiledRules
+from monitor.evaluate.state import LayerBatch, RequestInfo, RequestTable, Verdict
+from monitor.export.events import EventSink
+from monitor.export.metrics import SidecarMetrics
+from monitor.export.tracing import Tracing, trace_id_of
+from monitor.act.steering import SteeringController
+from monitor.receive.batch import DecodedBatch
+
+log = logging.getLogger(__name__)
+
+SCOPE_NAMES = ("prompt", "generated")
+
+
+class Pipeline:
+    def __init__(self, rules: CompiledRules, requests: RequestTable, metrics: SidecarMetrics, events: EventSink,
+                 tracing: Tracing, steering: SteeringController, model_name: str) -> None:
+        self.rules = rules
+        self.requests = requests
+        self.metrics = metrics
+        self.events = events
+        self.tracing = tracing
+        self.steering = steering
+        self.model_name = model_name
+        self.verdicts_seen = 0
+
+    def swap_rules(self, rules: CompiledRules) -> None:
+        self.rules = rules
+        self.requests.reset_rules(len(rules.rules))
+        self.metrics.set_rules(rules)
+
+    # ------------------------------------------------------------------ requests
+    def request_started(self, info: RequestInfo, prompt_tokens: int, cached_tokens: int) -> None:
+        self.requests.start(info)
+        self.metrics.requests.labels(self.model_name).inc()
+        if info.steering_policy:
+            self.metrics.steering_actions.labels(self.model_name, info.steering_policy, "policy", "policy").inc()
+            self.events.emit("steering", trigger="policy", policy=info.steering_policy, request_id=info.request_id,
+                             api_request_id=info.api_request_id, metadata=info.metadata)
+
+    def request_finished(self, request_id: str) -> None:
+        self.requests.finish(request_id)
+        self.steering.forget(request_id)
+
+    # ------------------------------------------------------------------ batches
+    def process(self, batch: DecodedBatch, stream, send: Callable) -> list[Verdict]:
+        """Encode and evaluate every layer of a batch; export verdicts and send directives."""
+        rules = self.rules
+        verdicts: list[Verdict] = []
+        for i, layer in enumerate(batch.layers):
+            lb = LayerBatch(layer, batch.request_ids, batch.token_request, batch.positions, batch.generated)
+            keep = self.requests.dedupe(lb)
+            self._count_tokens(layer, keep, batch.generated)
+            started = time.perf_counter()
+            signals = rules.encode.compute(layer, batch.activations[i].float())
+            if signals is None:
+                continue
+            self.metrics.encode_seconds.labels(str(layer)).observe(time.perf_counter() - started)
+            self._export_signals(rules, layer, signals, keep)
+            verdicts.extend(self.requests.evaluate(rules, lb, signals, keep))
+        if batch.captured_unix_s:
+            self.metrics.token_to_verdict.observe(max(0.0, time.time() - batch.captured_unix_s))
+        for verdict in verdicts:
+            self._act(verdict, batch, stream, send)
+        self.metrics.requests_tracked.set(len(self.requests))
+        self.verdicts_seen += len(verdicts)
+        return verdicts
+
+    def _count_tokens(self, layer: int, keep: np.ndarray, generated: np.ndarray) -> None:
+        n_gen = int((keep & generated).sum())
+        n_prompt = int(keep.sum()) - n_gen
+        for scope, n in zip(SCOPE_NAMES, (n_prompt, n_gen)):
+            if n:
+                self.metrics.tokens_processed.labels(self.model_name, str(layer), scope).inc(n)
+        dropped = int((~keep).sum())
+        if dropped:
+            self.metrics.tokens_deduplicated.labels(self.model_name).inc(dropped)
+
+    def _export_signals(self, rules: CompiledRules, layer: int, signals: np.ndarray, keep: np.ndarray) -> None:
+        columns = rules.encode.layers[layer].columns
+        kept = signals[keep]
+        if kept.shape[0] == 0:
+            return
+        active = (kept > 0).sum(axis=0)
+        for j, key in enumerate(columns):
+            if key.feature is not None:
+                if active[j]:
+                    self.metrics.feature_active.labels(self.model_name, key.source, str(key.feature)).inc(int(active[j]))
+            else:
+                self.metrics.probe_score.observe_many((self.model_name, key.probe), kept[:, j])
+        for rule in rules.rules_on(layer):
+            matched = int((kept[:, rule.column] > rule.above).sum())
+            if matched:
+                self.metrics.rule_matched.labels(self.model_name, rule.name).inc(matched)
+
+    def _act(self, verdict: Verdict, batch: DecodedBatch, stream, send: Callable) -> None:
+        rule, request = verdict.rule, verdict.request
+        event = dict(rule=rule.name, severity=rule.severity, labels=rule.labels, request_id=request.request_id,
+                     api_request_id=request.api_request_id, position=verdict.position, value=verdict.value,
+                     signal=f"{rule.key.source}:{rule.key.label}", rules_version=verdict.rules_version,
+                     metadata=request.metadata, trace_id=trace_id_of(request.traceparent))
+        if rule.alert:
+            exemplar = {"trace_id": event["trace_id"]} if event["trace_id"] else None
+            self.metrics.alerts.labels(self.model_name, rule.name, rule.severity).inc(exemplar=exemplar)
+            self.events.emit("alert", **event)
+            self.tracing.alert(verdict)
+        directive = self.steering.directive(request.request_id, rule.name, verdict.position, rule.steering)
+        if directive is None:
+            return
+        if send(request.stream or stream, directive):
+            for action in directive.actions:
+                self.metrics.steering_actions.labels(self.model_name, rule.name, action.WhichOneof("kind"), "rule").inc()
+            if batch.captured_unix_s:
+                self.metrics.steering_decision.observe(max(0.0, time.time() - batch.captured_unix_s))
+            self.events.emit("steering", trigger="rule", from_position=directive.from_position,
+                             actions=[a.WhichOneof("kind") for a in directive.actions], **event)
+            self.tracing.steering(verdict, directive)

@@ -1,0 +1,82 @@
+"""Decode and validate one ActivationBatch: raw bytes in, torch rows and label arrays out.
+
+Every way a batch can be wrong maps to one drop reason, so a malformed batch is rejected and
+counted (`featurewatch_batches_dropped_total{reason}`) and the stream goes on.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from monitor.protocol import pb
+
+TORCH_DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
+
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+class BatchRejected(ValueError):
+    def __init__(self, reason: str, detail: str):
+        self.reason, self.detail = reason, detail
+        super().__init__(f"{reason}: {detail}")
+
+
+@dataclass
+class DecodedBatch:
+    step: int
+    layers: list[int]
+    activations: torch.Tensor  # [L, N, d] in the wire dtype (a view on the message bytes)
+    request_ids: list[str]
+    token_request: np.ndarray  # [N] int64
+    positions: np.ndarray  # [N] int64
+    generated: np.ndarray  # [N] bool
+    captured_unix_s: float
+    nbytes: int
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.shape[0])
+
+
+def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int], max_bytes: int, max_tokens: int) -> DecodedBatch:
+    """Validate shapes, dtypes, labels and limits; raise BatchRejected(reason, detail)."""
+    t = msg.activations
+    nbytes = len(t.data)
+    if nbytes > max_bytes:
+        raise BatchRejected("oversized", f"{nbytes} bytes > limit {max_bytes}")
+    if t.dtype not in TORCH_DTYPES:
+        raise BatchRejected("dtype", f"unsupported dtype {t.dtype}")
+    shape = list(t.shape)
+    if len(shape) != 3:
+        raise BatchRejected("malformed", f"activations must be [layers, tokens, d], got shape {shape}")
+    n_layers, n_tokens, d = shape
+    if d != d_model:
+        raise BatchRejected("malformed", f"d={d} but the plugin said d_model={d_model}")
+    if n_layers != len(msg.layers) or n_layers == 0:
+        raise BatchRejected("malformed", f"{n_layers} activation slices for layers {list(msg.layers)}")
+    if n_tokens > max_tokens:
+        raise BatchRejected("oversized", f"{n_tokens} tokens > limit {max_tokens}")
+    dtype = TORCH_DTYPES[t.dtype]
+    expected = n_layers * n_tokens * d * torch.empty((), dtype=dtype).element_size()
+    if nbytes != expected:
+        raise BatchRejected("malformed", f"{nbytes} data bytes, shape {shape} needs {expected}")
+    unknown = sorted(set(msg.layers) - allowed_layers)
+    if unknown:
+        raise BatchRejected("unknown_layer", f"layers {unknown} not in the tap plan {sorted(allowed_layers)}")
+    if not (len(msg.token_request_index) == len(msg.positions) == len(msg.is_generated) == n_tokens):
+        raise BatchRejected("malformed", f"label lengths {len(msg.token_request_index)}/{len(msg.positions)}/"
+                            f"{len(msg.is_generated)} differ from {n_tokens} tokens")
+    token_request = np.fromiter(msg.token_request_index, dtype=np.int64, count=n_tokens)
+    if n_tokens and (token_request.max() >= len(msg.request_ids)):
+        raise BatchRejected("malformed", f"token request index {int(token_request.max())} >= {len(msg.request_ids)} request ids")
+    activations = torch.frombuffer(t.data, dtype=dtype).view(n_layers, n_tokens, d) if nbytes else torch.empty(shape, dtype=dtype)
+    return DecodedBatch(
+        step=msg.step, layers=list(msg.layers), activations=activations, request_ids=list(msg.request_ids),
+        token_request=token_request, positions=np.fromiter(msg.positions, dtype=np.int64, count=n_tokens),
+        generated=np.fromiter(msg.is_generated, dtype=bool, count=n_tokens),
+        captured_unix_s=msg.captured_unix_s, nbytes=nbytes,
+    )

@@ -1,0 +1,339 @@
+"""The sidecar process: wires receive -> encode -> evaluate -> export -> act, and keeps it serving.
+
+Fail-open: nothing here can block or fail a request in vLLM. Batches that do not fit the bounded
+queue are dropped and counted; bad rules are rejected and the last good set keeps running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import start_http_server
+
+from monitor.act.steering import SteeringController
+from monitor.config import SidecarConfig
+from monitor.encode.stage import Dictionaries
+from monitor.evaluate.compiler import CompiledRules, compile_rules
+from monitor.evaluate.rules import RulesInvalid
+from monitor.evaluate.state import RequestInfo, RequestTable
+from monitor.export.events import EventSink
+from monitor.export.metrics import SidecarMetrics
+from monitor.export.tracing import Tracing
+from monitor.pipeline import Pipeline
+from monitor.protocol import pb, pb_grpc
+from monitor.receive.server import AdminService, IngestService, PluginStream
+from monitor.stores.base import StoredRules
+
+log = logging.getLogger("featurewatch.sidecar")
+SCOPES = {"all": pb.TOKEN_SCOPE_ALL, "prompt": pb.TOKEN_SCOPE_PROMPT, "generated": pb.TOKEN_SCOPE_GENERATED}
+GRPC_MESSAGE_SLACK = 4 * 1024 * 1024
+
+
+def make_stores(config: SidecarConfig):
+    if config.store.kind == "memory":
+        from monitor.stores.memory import MemoryEventStore, MemoryRuleStore
+
+        return MemoryRuleStore(), MemoryEventStore()
+    from monitor.stores.redis import RedisEventStore, RedisRuleStore
+
+    s = config.store
+    return (RedisRuleStore(s.url, prefix=s.prefix, reconcile_interval_s=s.reconcile_interval_s),
+            RedisEventStore(s.url, prefix=s.prefix, maxlen=s.events_maxlen))
+
+
+class Sidecar:
+    def __init__(self, config: SidecarConfig, dictionaries: Dictionaries | None = None, rule_store=None, event_store=None) -> None:
+        self.config = config
+        if config.encode_threads:
+            import torch
+
+            torch.set_num_threads(config.encode_threads)
+        self.dictionaries = dictionaries or Dictionaries(config.sources, device=config.encode_device)
+        default_rules, default_events = (None, None) if rule_store and event_store else make_stores(config)
+        self.rule_store = rule_store or default_rules
+        self.event_store = event_store or default_events
+        self.metrics = SidecarMetrics(config.model_name)
+        self.events = EventSink(self.event_store, self.metrics)
+        self.tracing = Tracing(config.tracing, config.model_name)
+        self.steering = SteeringController(config.steering.enabled, config.steering.failure_mode)
+        self.metrics.set_steering(self.steering.enabled, self.steering.failure_mode)
+        self.requests = RequestTable(config.limits.max_tracked_requests, config.limits.request_idle_timeout_s)
+        self.pipeline = Pipeline(compile_rules("", self.dictionaries), self.requests, self.metrics, self.events,
+                                 self.tracing, self.steering, config.model_name)
+        self.streams: set[PluginStream] = set()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="featurewatch-pipeline")
+        self._queue: asyncio.Queue | None = None
+        self._queued_batches = 0
+        self._queued_bytes = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._servers: list = []
+        self._metrics_server = None
+        self._rules_mtime: float | None = None
+        self.health = health.aio.HealthServicer()
+        self.metrics.queue_capacity.labels("encode").set(config.limits.queue_batches)
+        self._load_initial_rules()
+
+    # ------------------------------------------------------------------ rules
+    @property
+    def rules(self) -> CompiledRules:
+        return self.pipeline.rules
+
+    def compile(self, text: str, file: str, version: int = 0) -> CompiledRules:
+        return compile_rules(text, self.dictionaries, version, file)
+
+    def _load_initial_rules(self) -> None:
+        """Start-up is strict (a bad rules file stops `serve` with the error); reloads are not."""
+        path = self.config.rules_file
+        if path is not None:
+            text = path.read_text()
+            self.compile(text, str(path))  # raises RulesInvalid naming file, rule, field
+            self._rules_mtime = path.stat().st_mtime
+            if self.rule_store.get().yaml != text:
+                self.rule_store.put(text, f"file:{path}")
+        self.rule_store.subscribe(self._on_rules_stored)
+        stored = self.rule_store.get()
+        if stored.yaml:
+            self._apply(stored)
+
+    def publish_rules(self, text: str, author: str) -> int:
+        """Validated rules go to the store; every replica (this one included) applies them from there."""
+        version = self.rule_store.put(text, author)
+        self.events.emit("rules", version=version, author=author, action="put")
+        return version
+
+    def _on_rules_stored(self, stored: StoredRules) -> None:
+        self._apply(stored)
+
+    def _apply(self, stored: StoredRules) -> bool:
+        try:
+            compiled = self.compile(stored.yaml, f"<store v{stored.version}>", stored.version)
+        except RulesInvalid as exc:
+            self.metrics.rule_reloads.labels("error").inc()
+            log.error("rules v%d rejected, keeping v%d:\n%s", stored.version, self.rules.version, exc)
+            self.events.emit("rules", version=stored.version, author=stored.author, action="rejected", error=str(exc))
+            return False
+        self.pipeline.swap_rules(compiled)
+        self.metrics.rule_reloads.labels("ok").inc()
+        log.info("rules v%d in force: %d rules, %d policies", stored.version, len(compiled.rules), len(compiled.policies))
+        if self._loop is not None:  # layers, policies or version changed: every plugin gets the new plan
+            self._loop.call_soon_threadsafe(self._broadcast_plan)
+        return True
+
+    def reload_rules_file(self) -> bool:
+        """Re-read the rules file; an invalid file is counted and the last good rules stay."""
+        path = self.config.rules_file
+        try:
+            text = path.read_text()
+            self.compile(text, str(path))
+        except (OSError, RulesInvalid) as exc:
+            self.metrics.rule_reloads.labels("error").inc()
+            log.error("rules file reload failed, keeping v%d:\n%s", self.rules.version, exc)
+            self.events.emit("rules", action="rejected", author=f"file:{path}", error=str(exc))
+            return False
+        if self.rule_store.get().yaml != text:
+            self.publish_rules(text, f"file:{path}")
+        return True
+
+    async def _watch_rules_file(self) -> None:
+        path = self.config.rules_file
+        while True:
+            await asyncio.sleep(self.config.rules_poll_interval_s)
+            try:
+                mtime = path.stat().st_mtime
+            except OSError:
+                continue
+            if mtime != self._rules_mtime:
+                self._rules_mtime = mtime
+                await asyncio.to_thread(self.reload_rules_file)
+
+    # ------------------------------------------------------------------ plugin streams
+    def plan(self, stream: PluginStream | None = None) -> pb.TapPlan:
+        layers = sorted(set(self.config.layers()) | set(self.rules.layers))
+        return pb.TapPlan(
+            layers=layers, scope=SCOPES[self.config.token_scope], steering_enabled=self.steering.enabled,
+            steering_failure_mode=self.steering.failure_mode,
+            policies=list(self.rules.policies) if self.steering.enabled else [],
+            rules_version=self.rules.version, max_batch_bytes=self.config.limits.max_batch_bytes,
+        )
+
+    def attach(self, stream: PluginStream) -> None:
+        plan = self.plan(stream)
+        stream.allowed_layers = set(plan.layers)
+        missing = set(plan.layers) - set(stream.hello.available_layers)
+        if stream.hello.available_layers and missing:
+            log.warning("plugin %s did not hook layers %s that rules need", stream.engine, sorted(missing))
+        if stream not in self.streams:
+            self.streams.add(stream)
+            self.metrics.plugin_restarted(stream.engine)
+            self.metrics.plugin_connected.labels(self.config.model_name, stream.engine).inc()
+            log.info("plugin connected: model=%s engine=%s d=%d layers=%s", stream.hello.model_name,
+                     stream.engine, stream.hello.d_model, list(stream.hello.available_layers))
+        stream.outbox.put_nowait(pb.SidecarMessage(plan=plan))
+
+    def detach(self, stream: PluginStream) -> None:
+        if stream in self.streams:
+            self.streams.discard(stream)
+            self.metrics.plugin_connected.labels(self.config.model_name, stream.engine).dec()
+
+    def _broadcast_plan(self) -> None:
+        for stream in list(self.streams):
+            self.attach(stream)
+
+    def set_steering(self, enabled: bool, author: str) -> None:
+        self.steering.enabled = enabled
+        self.metrics.set_steering(enabled, self.steering.failure_mode)
+        self.events.emit("steering", trigger="kill_switch", steering_enabled=enabled, author=author)
+        self._broadcast_plan()
+
+    def send(self, stream: PluginStream | None, directive: pb.SteeringDirective) -> bool:
+        """Called from the pipeline thread: hand a directive to the stream's outbox."""
+        if stream is None or stream not in self.streams or self._loop is None:
+            return False
+        self._loop.call_soon_threadsafe(stream.outbox.put_nowait, pb.SidecarMessage(directive=directive))
+        return True
+
+    # ------------------------------------------------------------------ queue
+    def free_slots(self) -> int:
+        return max(0, self.config.limits.queue_batches - self._queued_batches)
+
+    def enqueue_batch(self, stream: PluginStream, batch) -> bool:
+        limits = self.config.limits
+        if self._queued_batches >= limits.queue_batches or self._queued_bytes + batch.nbytes > limits.queue_bytes:
+            self.metrics.batches_dropped.labels("queue_full").inc()
+            return False
+        self._queued_batches += 1
+        self._queued_bytes += batch.nbytes
+        self.metrics.bytes_received.labels(self.config.model_name).inc(batch.nbytes)
+        self._queue.put_nowait((stream, batch))
+        self.metrics.queue_depth.labels("encode").set(self._queued_batches)
+        return True
+
+    def submit(self, stream: PluginStream, msg: pb.PluginMessage) -> None:
+        """Control messages share the batch queue so they stay ordered with the batches."""
+        self._queue.put_nowait((stream, msg))
+
+    async def _work(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            stream, item = await self._queue.get()
+            try:
+                await loop.run_in_executor(self._executor, self._handle, stream, item)
+            except Exception:
+                log.exception("pipeline failed on an item; dropped")
+                self.metrics.batches_dropped.labels("pipeline_error").inc()
+            finally:
+                if not isinstance(item, pb.PluginMessage):
+                    self._queued_batches -= 1
+                    self._queued_bytes -= item.nbytes
+                    self.metrics.queue_depth.labels("encode").set(self._queued_batches)
+                self._queue.task_done()
+
+    def _handle(self, stream: PluginStream, item) -> None:
+        if not isinstance(item, pb.PluginMessage):
+            self.pipeline.process(item, stream, self.send)
+            return
+        kind = item.WhichOneof("kind")
+        if kind == "request_start":
+            m = item.request_start
+            info = RequestInfo(m.request_id, m.api_request_id, dict(m.metadata), m.traceparent, stream, m.steering_policy)
+            self.pipeline.request_started(info, m.prompt_tokens, m.cached_prompt_tokens)
+        elif kind == "request_finish":
+            self.pipeline.request_finished(item.request_finish.request_id)
+        elif kind == "stats":
+            self.metrics.plugin_stats(stream.engine, item.stats)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(30)
+            expired = await asyncio.get_running_loop().run_in_executor(self._executor, self.requests.expire_idle)
+            if expired:
+                self.metrics.requests_evicted.labels("idle").inc(expired)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue()
+        limit = self.config.limits.max_batch_bytes * 2 + GRPC_MESSAGE_SLACK
+        options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
+        servers = []
+        ingest, admin = IngestService(self), AdminService(self)
+        if self.config.socket is not None:
+            servers.append(self._server(options, ingest, admin, f"unix:{self.config.socket}"))
+        if self.config.grpc_port is not None:
+            servers.append(self._server(options, ingest, admin, f"{self.config.grpc_host}:{self.config.grpc_port}"))
+        for server, address in servers:
+            port = server.add_insecure_port(address)
+            if address.startswith("unix:"):
+                await server.start()
+                os.chmod(self.config.socket, 0o600)  # only this user (and the vLLM container's uid) may connect
+            else:
+                self.grpc_port = port
+                await server.start()
+            self._servers.append(server)
+        for service in ("", "featurewatch.v1.Ingest", "featurewatch.v1.Admin"):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if self.config.metrics_port is not None:
+            self._metrics_server, _ = start_http_server(self.config.metrics_port, self.config.metrics_host, registry=self.metrics.registry)
+            self.metrics_port = self._metrics_server.server_port
+        self._tasks.append(asyncio.create_task(self._work()))
+        self._tasks.append(asyncio.create_task(self._housekeeping()))
+        if self.config.rules_file is not None:
+            self._tasks.append(asyncio.create_task(self._watch_rules_file()))
+        log.info("featurewatch sidecar serving: socket=%s grpc_port=%s metrics_port=%s", self.config.socket,
+                 getattr(self, "grpc_port", None), getattr(self, "metrics_port", None))
+
+    def _server(self, options, ingest, admin, address):
+        server = grpc.aio.server(options=options)
+        pb_grpc.add_IngestServicer_to_server(ingest, server)
+        pb_grpc.add_AdminServicer_to_server(admin, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        return server, address
+
+    async def drain(self, timeout_s: float = 10.0) -> None:
+        """Finish what is queued (SIGTERM): health goes NOT_SERVING first so probes see it."""
+        await self.health.enter_graceful_shutdown()
+        try:
+            await asyncio.wait_for(self._queue.join(), timeout_s)
+        except asyncio.TimeoutError:
+            log.warning("drain timed out with %d batches queued", self._queued_batches)
+
+    async def stop(self, grace_s: float = 2.0) -> None:
+        if self._queue is not None:
+            await self.drain(grace_s)
+        for server in self._servers:
+            await server.stop(grace_s)
+        for task in self._tasks:
+            task.cancel()
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+        self.events.close()
+        self.tracing.shutdown()
+        self._executor.shutdown(wait=True)
+        for store in (self.rule_store, self.event_store):
+            store.close()
+        if self.config.socket is not None and self.config.socket.exists():
+            self.config.socket.unlink()
+
+
+async def serve(config: SidecarConfig, ready=None) -> None:
+    """Run until SIGTERM/SIGINT, then drain."""
+    import signal
+
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    if ready is not None:
+        ready(sidecar)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("draining")
+    await sidecar.stop()
+
