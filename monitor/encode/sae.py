@@ -1,0 +1,505 @@
+"""The canonical in-memory SAE: one class per architecture (as in SAELens) sharing one base.
+
+Every loader (formats.py) turns its file into the same tensors, in SAELens's orientation:
+``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]``, plus
+``threshold`` (jumprelu), ``k`` (topk) or ``b_gate``/``b_mag``/``r_mag`` (gated). Scalar input
+scaling is folded into the weights at load; per-token normalisation (``layer_norm``,
+``constant_norm_rescale``) runs at encode time with SAELens's exact formulas, so encodings
+match ``sae_lens`` to float rounding.
+
+Compute dtype: float32 on CPU (half inputs are upcast); on CUDA the weights' dtype (bf16 by
+default). Thresholds are always float32: bf16 would turn 1.1 into 1.1016 and move features
+across their threshold. Outputs are always float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from . import kernels
+
+NORMALISATIONS = ("none", "layer_norm", "constant_norm_rescale")
+LAYER_NORM_EPS = 1e-5  # SAELens's run_time_activation_ln_in default
+
+
+def compute_dtype(device: torch.device | str, dtype: torch.dtype | None) -> torch.dtype:
+    """CPU always computes in fp32 (half matmuls are slow and lossy there); CUDA defaults to bf16."""
+    if torch.device(device).type == "cpu":
+        return torch.float32
+    return dtype or torch.bfloat16
+
+
+def _feature_index(features: int | Sequence[int] | torch.Tensor, d_sae: int) -> torch.Tensor:
+    idx = torch.as_tensor(features, dtype=torch.int64).reshape(-1)
+    if idx.numel() == 0:
+        raise ValueError("no features given")
+    bad = (idx < 0) | (idx >= d_sae)
+    if bool(bad.any()):
+        raise ValueError(f"feature index {int(idx[bad][0])} out of range [0, {d_sae})")
+    return idx
+
+
+@dataclass(frozen=True)
+class ClampParams:
+    """Per-feature data the vLLM plugin needs to clamp one feature with the error term kept.
+
+    ``b_dec`` subtraction and scalar input scaling are folded into ``encoder``/``bias``, so
+    ``pre = x·encoder + bias; f = pre·1[pre > threshold]`` (times ``1[x·gate_encoder + gate_bias
+    > 0]`` for gated SAEs) and ``x' = x + (value − f)·decoder`` reproduce ``SAE.clamp`` exactly.
+    Tensors are float32 on CPU so they can be serialised and shipped as they are.
+    """
+
+    feature: int
+    encoder: torch.Tensor
+    bias: float
+    threshold: float
+    decoder: torch.Tensor
+    gate_encoder: torch.Tensor | None = None
+    gate_bias: float = 0.0
+
+    def activation(self, x: torch.Tensor) -> torch.Tensor:
+        """f(x) for rows of x [N, d] (reference of the plugin's math)."""
+        x = x.float()
+        pre = x @ self.encoder + self.bias
+        f = pre * (pre > self.threshold)
+        if self.gate_encoder is not None:
+            f = f * ((x @ self.gate_encoder + self.gate_bias) > 0)
+        return f
+
+    def apply(self, x: torch.Tensor, value: float) -> torch.Tensor:
+        """x' = x + (value − f(x))·decoder for rows of x [N, d], in float32."""
+        x = x.float()
+        return x + (value - self.activation(x))[:, None] * self.decoder
+
+
+class Watch:
+    """Encoder columns of a fixed feature set, gathered once: the sidecar's per-batch hot path.
+
+    ``watch(x) -> [N, M]`` float32 equals ``sae.encode(x)[:, features]`` but costs an
+    [N, d]×[d, M] product instead of [N, d]×[d, d_sae]. On CUDA the ReLU/JumpReLU case runs as
+    one fused Triton kernel (b_dec subtraction, matmul, bias, threshold).
+    """
+
+    def __init__(self, sae: SAE, features: torch.Tensor):
+        self.sae = sae
+        self.features = features
+        self._cols = sae._columns(features.to(sae.device))
+
+    def __len__(self) -> int:
+        return int(self.features.numel())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        sae = self.sae
+        xn, _ = sae._normalise(sae._prepare(x))
+        cols = self._cols
+        if kernels.use_triton(xn) and "t32" in cols:
+            b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
+            return kernels.fused_subset_encode(xn, b_dec, cols["W"], cols["b32"], cols["t32"])
+        return sae._apply(sae._sae_in(xn), cols).float()
+
+
+class SAE:
+    """Base: input handling, normalisation, decode, subset encode, clamping.
+
+    Subclasses define ``_columns`` (the encoder data for all or some features) and
+    ``_apply`` (pre-activation and activation), so the full encode and the gathered
+    ``watch`` run the same arithmetic.
+    """
+
+    architecture: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        W_enc: torch.Tensor,
+        b_enc: torch.Tensor | None,
+        W_dec: torch.Tensor,
+        b_dec: torch.Tensor,
+        *,
+        apply_b_dec_to_input: bool = True,
+        normalize: str = "none",
+        hook_z: bool = False,
+        metadata: dict[str, Any] | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+    ):
+        if W_enc.dim() != 2 or W_dec.shape != (W_enc.shape[1], W_enc.shape[0]):
+            raise ValueError(f"W_enc {tuple(W_enc.shape)} and W_dec {tuple(W_dec.shape)} disagree")
+        if normalize not in NORMALISATIONS:
+            raise ValueError(f"normalize must be one of {NORMALISATIONS}, got {normalize!r}")
+        self.W_enc = W_enc
+        self.b_enc = b_enc
+        self.W_dec = W_dec
+        self.b_dec = b_dec
+        self.apply_b_dec_to_input = bool(apply_b_dec_to_input)
+        self.normalize = normalize
+        self.hook_z = hook_z
+        self.metadata: dict[str, Any] = dict(metadata or {})
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        self.to(device, dtype)
+
+    # ---- shape, device -------------------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return int(self.W_enc.shape[0])
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.W_enc.shape[1])
+
+    _weight_names: ClassVar[tuple[str, ...]] = ("W_enc", "b_enc", "W_dec", "b_dec")
+    _fp32_names: ClassVar[tuple[str, ...]] = ()
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
+        """Move (in place) to a device; weights in the compute dtype, thresholds stay fp32."""
+        device = torch.device(device) if device is not None else self.device
+        self.dtype = compute_dtype(device, dtype)
+        self.device = device
+        for name in self._weight_names:
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device=device, dtype=self.dtype).contiguous())
+        for name in self._fp32_names:
+            setattr(self, name, getattr(self, name).to(device=device, dtype=torch.float32).contiguous())
+        self._prepared()
+        return self
+
+    def _prepared(self) -> None:
+        """Derived tensors (recomputed after every move)."""
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(d_in={self.d_in}, d_sae={self.d_sae}, normalize={self.normalize!r}, "
+            f"apply_b_dec_to_input={self.apply_b_dec_to_input}, device={self.device}, dtype={self.dtype})"
+        )
+
+    # ---- input handling ------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """Any [..., d_in] (or [..., heads, d_head] for hook_z SAEs) -> [N, d_in] in compute dtype."""
+        x = torch.as_tensor(x)
+        if self.hook_z and x.dim() >= 2 and x.shape[-1] != self.d_in and x.shape[-2] * x.shape[-1] == self.d_in:
+            x = x.flatten(-2)
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            raise ValueError(f"expected activations [..., {self.d_in}], got {tuple(x.shape)}")
+        return x.reshape(-1, self.d_in).to(device=self.device, dtype=self.dtype)
+
+    def _normalise(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """SAELens's run-time input normalisation; returns the per-token state to undo it."""
+        if self.normalize == "constant_norm_rescale":
+            coeff = (self.d_in**0.5) / x.norm(dim=-1, keepdim=True)
+            return x * coeff, (coeff,)
+        if self.normalize == "layer_norm":
+            mu = x.mean(dim=-1, keepdim=True)
+            xc = x - mu
+            std = xc.std(dim=-1, keepdim=True)
+            return xc / (std + LAYER_NORM_EPS), (mu, std)
+        return x, None
+
+    def _denormalise(self, y: torch.Tensor, state: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """SAELens's output mapping (layer_norm uses std without eps, as SAELens does)."""
+        if self.normalize == "constant_norm_rescale":
+            return y / state[0]
+        if self.normalize == "layer_norm":
+            return y * state[1] + state[0]
+        return y
+
+    def _delta_to_input(self, delta: torch.Tensor, state: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+        """Map a change made in normalised space back to input space (exact inverse of _normalise)."""
+        if self.normalize == "constant_norm_rescale":
+            return delta / state[0].float()
+        if self.normalize == "layer_norm":
+            return delta * (state[1].float() + LAYER_NORM_EPS)
+        return delta
+
+    def _sae_in(self, xn: torch.Tensor) -> torch.Tensor:
+        return xn - self.b_dec if self.apply_b_dec_to_input else xn
+
+    # ---- per-architecture hooks ----------------------------------------------------------
+    def _columns(self, idx: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """Encoder data for features idx (None: all, without copies)."""
+        raise NotImplementedError
+
+    def _apply(self, u: torch.Tensor, cols: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Activations from the SAE input u = normalise(x) − b_dec."""
+        raise NotImplementedError
+
+    def _decoder_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Effective decoder rows [M, d_in] (what one unit of each feature adds), float32."""
+        return self.W_dec.index_select(0, idx).float()
+
+    # ---- public API ----------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Dense feature activations [N, d_sae] float32 for activations [..., d_in]."""
+        xn, _ = self._normalise(self._prepare(x))
+        return self._apply(self._sae_in(xn), self._columns(None)).float()
+
+    def watch(self, features: int | Sequence[int] | torch.Tensor) -> Watch:
+        """Precompute the gathered weights of a feature set; ``watch(x) -> [N, M]``."""
+        return Watch(self, _feature_index(features, self.d_sae))
+
+    @torch.no_grad()
+    def encode_subset(self, x: torch.Tensor, features: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Activations [N, M] of the given features only (gathers the columns once per call)."""
+        return self.watch(features)(x)
+
+    @torch.no_grad()
+    def encode_top(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The k largest activations per token: (values [N, k] float32, indices [N, k] int32)."""
+        if not 0 < k <= self.d_sae:
+            raise ValueError(f"k must be in [1, {self.d_sae}], got {k}")
+        values, indices = torch.topk(self.encode(x), k, dim=1)
+        return values, indices.to(torch.int32)
+
+    @torch.no_grad()
+    def decode(self, f: torch.Tensor, x: torch.Tensor | None = None) -> torch.Tensor:
+        """Reconstruction [N, d_in] float32 of activations f [N, d_sae].
+
+        Per-token normalised SAEs (layer_norm, constant_norm_rescale) need the inputs ``x`` the
+        activations came from to map the reconstruction back to input space (SAELens keeps that
+        state from the last encode; we take it explicitly).
+        """
+        f = torch.as_tensor(f).reshape(-1, self.d_sae).to(device=self.device, dtype=self.dtype)
+        y = self._decode_normalised(f)
+        if self.normalize != "none":
+            if x is None:
+                raise ValueError(f"decode of a {self.normalize} SAE needs the inputs x to undo the normalisation")
+            _, state = self._normalise(self._prepare(x))
+            y = self._denormalise(y, state)
+        return y.float()
+
+    def _decode_normalised(self, f: torch.Tensor) -> torch.Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def _feature_acts(self, xn: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return self._apply(self._sae_in(xn), self._columns(idx)).float()
+
+    @torch.no_grad()
+    def clamp(
+        self,
+        x: torch.Tensor,
+        feature: int | Sequence[int],
+        value: float | Sequence[float] | torch.Tensor,
+    ) -> torch.Tensor:
+        """x + (value − f_i(x))·W_dec[i], mapped through the input normalisation; the SAE's
+        reconstruction error stays in x. Returns x's shape and dtype. ``value=0`` suppresses
+        the feature and leaves tokens where it did not fire unchanged.
+        """
+        x_in = torch.as_tensor(x)
+        idx = _feature_index(feature, self.d_sae).to(self.device)
+        xf = self._prepare(x_in)
+        xn, state = self._normalise(xf)
+        f = self._feature_acts(xn, idx)
+        target = torch.as_tensor(value, dtype=torch.float32, device=self.device).reshape(-1)
+        delta = (target - f) @ self._decoder_rows(idx)
+        out = xf.float() + self._delta_to_input(delta, state)
+        return out.reshape(x_in.shape).to(device=x_in.device, dtype=x_in.dtype)
+
+    def clamp_params(self, feature: int) -> ClampParams:
+        """Folded per-feature data for the plugin (see ClampParams)."""
+        if self.normalize != "none":
+            raise ValueError(
+                f"clamp_params: {self.normalize} normalisation is per token; the plugin cannot "
+                "reproduce it from one encoder column"
+            )
+        i = int(_feature_index(feature, self.d_sae)[0])
+        return self._clamp_params(i)
+
+    def _fold_b_dec(self, column: torch.Tensor, bias: torch.Tensor) -> float:
+        """bias − b_dec·column in float64, so pre = x·column + result needs no b_dec."""
+        b = bias.double()
+        if self.apply_b_dec_to_input:
+            b = b - self.b_dec.double() @ column.double()
+        return float(b)
+
+    def _clamp_params(self, i: int) -> ClampParams:
+        raise NotImplementedError
+
+
+class StandardSAE(SAE):
+    """ReLU SAE: f = ReLU(u·W_enc + b_enc)."""
+
+    architecture = "standard"
+
+    def _columns(self, idx):
+        if idx is None:
+            return {"W": self.W_enc, "b": self.b_enc}
+        b = self.b_enc.index_select(0, idx).contiguous()
+        return {
+            "W": self.W_enc.index_select(1, idx).contiguous(),
+            "b": b,
+            "b32": b.float(),
+            "t32": torch.zeros(idx.numel(), dtype=torch.float32, device=self.device),
+        }
+
+    def _apply(self, u, cols):
+        return torch.addmm(cols["b"], u, cols["W"]).relu_()
+
+    def _clamp_params(self, i):
+        col = self.W_enc[:, i].float().cpu()
+        return ClampParams(
+            feature=i,
+            encoder=col.contiguous(),
+            bias=self._fold_b_dec(col, self.b_enc[i].cpu()),
+            threshold=0.0,
+            decoder=self._decoder_rows(torch.tensor([i], device=self.device))[0].cpu(),
+        )
+
+
+class JumpReLUSAE(StandardSAE):
+    """JumpReLU SAE (Gemma Scope, BatchTopK after training): f = z·1[z > θ] for z = u·W_enc + b_enc > 0."""
+
+    architecture = "jumprelu"
+    _fp32_names = ("threshold",)
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, threshold: torch.Tensor, **kw):
+        self.threshold = threshold
+        super().__init__(W_enc, b_enc, W_dec, b_dec, **kw)
+
+    def _prepared(self):
+        # relu(z)·1[z > θ] == z·1[z > max(θ, 0)]: one comparison, same result.
+        self._t = self.threshold.clamp(min=0.0)
+
+    def _columns(self, idx):
+        cols = super()._columns(idx)
+        cols["t32"] = self._t if idx is None else self._t.index_select(0, idx).contiguous()
+        return cols
+
+    def _apply(self, u, cols):
+        pre = torch.addmm(cols["b"], u, cols["W"])
+        return pre.mul_(pre > cols["t32"])
+
+    def _clamp_params(self, i):
+        p = super()._clamp_params(i)
+        return ClampParams(p.feature, p.encoder, p.bias, float(self._t[i]), p.decoder)
+
+
+class GatedSAE(SAE):
+    """Gated SAE: 1[u·W_enc + b_gate > 0] · ReLU(u·(W_enc ⊙ exp r_mag) + b_mag).
+
+    One matmul serves both paths: u·(W_enc ⊙ e^r) = (u·W_enc) ⊙ e^r.
+    """
+
+    architecture = "gated"
+    _weight_names = ("W_enc", "W_dec", "b_dec", "b_gate", "b_mag", "r_mag")
+
+    def __init__(self, W_enc, W_dec, b_dec, b_gate, b_mag, r_mag, **kw):
+        self.b_gate, self.b_mag, self.r_mag = b_gate, b_mag, r_mag
+        super().__init__(W_enc, None, W_dec, b_dec, **kw)
+
+    def _prepared(self):
+        self._mag_scale = self.r_mag.exp()
+
+    def _columns(self, idx):
+        if idx is None:
+            return {"W": self.W_enc, "b_gate": self.b_gate, "b_mag": self.b_mag, "scale": self._mag_scale}
+        return {
+            "W": self.W_enc.index_select(1, idx).contiguous(),
+            "b_gate": self.b_gate.index_select(0, idx),
+            "b_mag": self.b_mag.index_select(0, idx),
+            "scale": self._mag_scale.index_select(0, idx),
+        }
+
+    def _apply(self, u, cols):
+        h = u @ cols["W"]
+        gate = (h + cols["b_gate"]) > 0
+        return torch.addcmul(cols["b_mag"], h, cols["scale"]).relu_().mul_(gate)
+
+    def _clamp_params(self, i):
+        gate_col = self.W_enc[:, i].float().cpu()
+        mag_col = (self.W_enc[:, i] * self._mag_scale[i]).float().cpu()
+        return ClampParams(
+            feature=i,
+            encoder=mag_col.contiguous(),
+            bias=self._fold_b_dec(mag_col, self.b_mag[i].cpu()),
+            threshold=0.0,
+            decoder=self._decoder_rows(torch.tensor([i], device=self.device))[0].cpu(),
+            gate_encoder=gate_col.contiguous(),
+            gate_bias=self._fold_b_dec(gate_col, self.b_gate[i].cpu()),
+        )
+
+
+class TopKSAE(SAE):
+    """TopK SAE: keep the k largest of z = u·W_enc + b_enc, then ReLU.
+
+    Whether a feature fires depends on all others, so there is no subset encode and no
+    per-feature clamp data: ``encode_subset``/``watch``/``clamp_params`` raise ValueError.
+    """
+
+    architecture = "topk"
+
+    def __init__(self, W_enc, b_enc, W_dec, b_dec, k: int, rescale_acts_by_decoder_norm: bool = False, **kw):
+        self.k = int(k)
+        self.rescale_acts_by_decoder_norm = bool(rescale_acts_by_decoder_norm)
+        super().__init__(W_enc, b_enc, W_dec, b_dec, **kw)
+        if not 0 < self.k <= self.d_sae:
+            raise ValueError(f"k={self.k} out of range for d_sae={self.d_sae}")
+
+    def _prepared(self):
+        self._dec_norm = self.W_dec.norm(dim=-1) if self.rescale_acts_by_decoder_norm else None
+
+    def _columns(self, idx):
+        if idx is not None:
+            raise ValueError(
+                "TopK SAE: a feature's activation depends on every other feature; "
+                "use encode() (or encode_top) instead of encode_subset/watch"
+            )
+        return {"W": self.W_enc, "b": self.b_enc}
+
+    def _pre(self, u):
+        pre = torch.addmm(self.b_enc, u, self.W_enc)
+        return pre * self._dec_norm if self._dec_norm is not None else pre
+
+    def _apply(self, u, cols):
+        pre = self._pre(u)
+        values, indices = torch.topk(pre, self.k, dim=-1, sorted=False)
+        return torch.zeros_like(pre).scatter_(-1, indices, values.relu_())
+
+    @torch.no_grad()
+    def encode_top(self, x, k):
+        if not 0 < k <= self.d_sae:
+            raise ValueError(f"k must be in [1, {self.d_sae}], got {k}")
+        if k > self.k:
+            return super().encode_top(x, k)
+        xn, _ = self._normalise(self._prepare(x))
+        values, indices = torch.topk(self._pre(self._sae_in(xn)), k, dim=-1)
+        return values.relu_().float(), indices.to(torch.int32)
+
+    def _feature_acts(self, xn, idx):
+        return self._apply(self._sae_in(xn), {}).float().index_select(1, idx)
+
+    def _decode_normalised(self, f):
+        if self._dec_norm is not None:
+            f = f * (1 / self._dec_norm)
+        return f @ self.W_dec + self.b_dec
+
+    def _decoder_rows(self, idx):
+        rows = self.W_dec.index_select(0, idx).float()
+        if self._dec_norm is not None:
+            rows = rows / self._dec_norm.index_select(0, idx).float()[:, None]
+        return rows
+
+    def clamp_params(self, feature):
+        raise ValueError("clamp_params: a TopK SAE's activation depends on every feature; the plugin cannot clamp one")
+
+
+ARCHITECTURES: dict[str, type[SAE]] = {
+    cls.architecture: cls for cls in (StandardSAE, JumpReLUSAE, TopKSAE, GatedSAE)
+}
+
+__all__ = [
+    "ARCHITECTURES",
+    "ClampParams",
+    "GatedSAE",
+    "JumpReLUSAE",
+    "SAE",
+    "StandardSAE",
+    "TopKSAE",
+    "Watch",
+    "compute_dtype",
+]
+
