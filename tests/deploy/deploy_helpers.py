@@ -93,3 +93,38 @@ def run(args: list[str], cwd: Path = REPO, timeout: float = 60, env: dict | None
     return subprocess.run(
         args, cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
+
+
+def contract_metric_names() -> set[str]:
+    """Metric names from the metrics table of docs/ARCHITECTURE.md (the sidecar's contract),
+    with the _bucket/_sum/_count series of histograms."""
+    import re
+
+    names: set[str] = set()
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    for line in text.splitlines():
+        if not line.startswith("| `featurewatch_"):
+            continue
+        cells = line.split("|")
+        kind = cells[2].strip() if len(cells) > 2 else ""
+        for token in re.findall(r"`([^`]+)`", cells[1]):
+            token = token.strip()
+            if token.startswith(".."):
+                # `..._plugin_enqueue_seconds_sum/_count`: a suffix of featurewatch_
+                token = "featurewatch" + token.lstrip(".")
+            if token.startswith("featurewatch_"):
+                for part in _expand_slashes(token):
+                    names.add(part)
+                    if kind == "histogram":
+                        names.update({part + "_bucket", part + "_sum", part + "_count"})
+    return names
+
+
+def _expand_slashes(token: str) -> list[str]:
+    """`a_sum/_count` -> [a_sum, a_count]."""
+    first, *rest = token.split("/")
+    out = [first]
+    stem = first.rsplit("_", 1)[0] if rest else first
+    for suffix in rest:
+        out.append(stem + suffix if suffix.startswith("_") else suffix)
+    return out
