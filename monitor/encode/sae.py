@@ -81,13 +81,17 @@ class Watch:
 
     ``watch(x) -> [N, M]`` float32 equals ``sae.encode(x)[:, features]`` but costs an
     [N, d]×[d, M] product instead of [N, d]×[d, d_sae]. On CUDA the ReLU/JumpReLU case runs as
-    one fused Triton kernel (b_dec subtraction, matmul, bias, threshold).
+    one fused Triton kernel (b_dec subtraction, matmul, bias, threshold). A TopK SAE has no
+    subset encode: its watch runs the full encode and gathers (``exact_subset`` is False), so
+    the sidecar can still serve it.
     """
 
     def __init__(self, sae: SAE, features: torch.Tensor):
         self.sae = sae
         self.features = features
-        self._cols = sae._columns(features.to(sae.device))
+        self.exact_subset = sae.subset_encodable
+        idx = features.to(sae.device)
+        self._cols = sae._columns(idx) if self.exact_subset else {"idx": idx}
 
     def __len__(self) -> int:
         return int(self.features.numel())
@@ -96,6 +100,8 @@ class Watch:
         sae = self.sae
         xn, _ = sae._normalise(sae._prepare(x))
         cols = self._cols
+        if not self.exact_subset:
+            return sae._apply(sae._sae_in(xn), sae._columns(None)).float().index_select(1, cols["idx"])
         if kernels.use_triton(xn) and "t32" in cols:
             b_dec = sae.b_dec if sae.apply_b_dec_to_input else None
             return kernels.fused_subset_encode(xn, b_dec, cols["W"], cols["b32"], cols["t32"])
@@ -111,6 +117,7 @@ class SAE:
     """
 
     architecture: ClassVar[str] = ""
+    subset_encodable: ClassVar[bool] = True  # one feature needs only its own encoder column
 
     def __init__(
         self,
@@ -208,11 +215,12 @@ class SAE:
         return y
 
     def _delta_to_input(self, delta: torch.Tensor, state: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-        """Map a change made in normalised space back to input space (exact inverse of _normalise)."""
+        """Map a change of the reconstruction back to input space as SAELens's output mapping
+        does, so clamp(x) == decode(f') + (x − decode(f)) (SAELens with use_error_term)."""
         if self.normalize == "constant_norm_rescale":
             return delta / state[0].float()
         if self.normalize == "layer_norm":
-            return delta * (state[1].float() + LAYER_NORM_EPS)
+            return delta * state[1].float()
         return delta
 
     def _sae_in(self, xn: torch.Tensor) -> torch.Tensor:
@@ -245,6 +253,11 @@ class SAE:
     @torch.no_grad()
     def encode_subset(self, x: torch.Tensor, features: int | Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Activations [N, M] of the given features only (gathers the columns once per call)."""
+        if not self.subset_encodable:
+            raise ValueError(
+                f"{type(self).__name__}: a feature's activation depends on every other feature; "
+                "use encode() (or watch(), which encodes fully and gathers)"
+            )
         return self.watch(features)(x)
 
     @torch.no_grad()
@@ -286,8 +299,9 @@ class SAE:
         value: float | Sequence[float] | torch.Tensor,
     ) -> torch.Tensor:
         """x + (value − f_i(x))·W_dec[i], mapped through the input normalisation; the SAE's
-        reconstruction error stays in x. Returns x's shape and dtype. ``value=0`` suppresses
-        the feature and leaves tokens where it did not fire unchanged.
+        reconstruction error stays in x: the result equals SAELens's ``decode(f') + (x −
+        decode(f))`` with f' = f except f_i = value. Returns x's shape and dtype. ``value=0``
+        suppresses the feature and leaves tokens where it did not fire unchanged.
         """
         x_in = torch.as_tensor(x)
         idx = _feature_index(feature, self.d_sae).to(self.device)
@@ -427,10 +441,12 @@ class TopKSAE(SAE):
     """TopK SAE: keep the k largest of z = u·W_enc + b_enc, then ReLU.
 
     Whether a feature fires depends on all others, so there is no subset encode and no
-    per-feature clamp data: ``encode_subset``/``watch``/``clamp_params`` raise ValueError.
+    per-feature clamp data: ``encode_subset`` and ``clamp_params`` raise ValueError, and
+    ``watch`` encodes fully then gathers.
     """
 
     architecture = "topk"
+    subset_encodable = False
 
     def __init__(self, W_enc, b_enc, W_dec, b_dec, k: int, rescale_acts_by_decoder_norm: bool = False, **kw):
         self.k = int(k)
@@ -444,10 +460,7 @@ class TopKSAE(SAE):
 
     def _columns(self, idx):
         if idx is not None:
-            raise ValueError(
-                "TopK SAE: a feature's activation depends on every other feature; "
-                "use encode() (or encode_top) instead of encode_subset/watch"
-            )
+            raise ValueError("TopK SAE: no per-feature encoder columns")
         return {"W": self.W_enc, "b": self.b_enc}
 
     def _pre(self, u):
