@@ -10,8 +10,6 @@ tests after import; CI checks it on CPU through Triton's interpreter.
 tensors too, under ``TRITON_INTERPRET=1``), unset: CUDA tensors only.
 """
 
-from __future__ import annotations
-
 import functools
 import os
 
@@ -43,33 +41,35 @@ def use_triton(x: torch.Tensor) -> bool:
     return mode == "1" and _interpreting()
 
 
-def _subset_encode_kernel(
-    x_ptr, bdec_ptr, w_ptr, b_ptr, t_ptr, out_ptr,
-    N, D, M,
-    stride_xn, stride_wd, stride_on,
-    HAS_BDEC: "tl.constexpr", IEEE: "tl.constexpr",
-    BLOCK_N: "tl.constexpr", BLOCK_M: "tl.constexpr", BLOCK_D: "tl.constexpr",
-):  # fmt: skip
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        rd = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(x_ptr + rn[:, None] * stride_xn + rd[None, :], mask=(rn[:, None] < N) & (rd[None, :] < D), other=0.0)
-        if HAS_BDEC:
-            a = a - tl.load(bdec_ptr + rd, mask=rd < D, other=0.0)[None, :]
-        w = tl.load(w_ptr + rd[:, None] * stride_wd + rm[None, :], mask=(rd[:, None] < D) & (rm[None, :] < M), other=0.0)
-        if IEEE:
-            acc = tl.dot(a, w, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, w, acc)
-    bias = tl.load(b_ptr + rm, mask=rm < M, other=0.0)
-    thr = tl.load(t_ptr + rm, mask=rm < M, other=0.0)
-    acc = acc + bias[None, :]
-    acc = tl.where(acc > thr[None, :], acc, 0.0)
-    tl.store(out_ptr + rn[:, None] * stride_on + rm[None, :], acc, mask=(rn[:, None] < N) & (rm[None, :] < M))
+if triton is not None:
+
+    def _subset_encode_kernel(
+        x_ptr, bdec_ptr, w_ptr, b_ptr, t_ptr, out_ptr,
+        N, D, M,
+        stride_xn, stride_wd, stride_on,
+        HAS_BDEC: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):  # fmt: skip
+        pid_n = tl.program_id(0)
+        pid_m = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            rd = d0 + tl.arange(0, BLOCK_D)
+            a = tl.load(x_ptr + rn[:, None] * stride_xn + rd[None, :], mask=(rn[:, None] < N) & (rd[None, :] < D), other=0.0)
+            if HAS_BDEC:
+                a = a - tl.load(bdec_ptr + rd, mask=rd < D, other=0.0)[None, :]
+            w = tl.load(w_ptr + rd[:, None] * stride_wd + rm[None, :], mask=(rd[:, None] < D) & (rm[None, :] < M), other=0.0)
+            if IEEE:
+                acc = tl.dot(a, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, w, acc)
+        bias = tl.load(b_ptr + rm, mask=rm < M, other=0.0)
+        thr = tl.load(t_ptr + rm, mask=rm < M, other=0.0)
+        acc = acc + bias[None, :]
+        acc = tl.where(acc > thr[None, :], acc, 0.0)
+        tl.store(out_ptr + rn[:, None] * stride_on + rm[None, :], acc, mask=(rn[:, None] < N) & (rm[None, :] < M))
 
 
 @functools.cache
