@@ -9,8 +9,9 @@ Keys (one Redis Cluster hash slot: the prefix is wrapped in a hash tag, ``{featu
 ``{prefix}:events``         stream (``XADD ... MAXLEN ~ maxlen``); fields ``kind``, ``event_id``,
                             ``data`` (the event as JSON)
 
-A put is one Lua script: bump the version, replace the hash, append a ``rule_change`` audit event
-(who, when, version, digest) and PUBLISH the change notice, atomically.
+A put is one Lua script: bump the version, replace the hash, append an audit event
+(``kind: rules, action: stored``: who, when, version, previous version, digest) and PUBLISH the
+change notice, atomically. A replica's write-back is audited as ``action: reseeded``.
 
 Replicas (``RedisRuleStore.subscribe``) reconcile — fetch the hash and hand a new set to the
 callbacks when (version, digest) differs from what they last delivered — on every change notice,
@@ -137,11 +138,11 @@ end
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], 'yaml', ARGV[1], 'version', v, 'author', ARGV[2],
            'updated_unix_s', ARGV[3], 'sha256', ARGV[4])
-local event = cjson.encode({kind = 'rule_change', version = v, previous_version = cur,
-                            author = ARGV[2], ts = tonumber(ARGV[3]), sha256 = ARGV[4],
-                            bytes = string.len(ARGV[1])})
+local event = cjson.encode({kind = 'rules', action = 'stored', version = v,
+                            previous_version = cur, author = ARGV[2], unix_s = tonumber(ARGV[3]),
+                            sha256 = ARGV[4], bytes = string.len(ARGV[1])})
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*',
-           'kind', 'rule_change', 'event_id', 'rule_change-v' .. v, 'data', event)
+           'kind', 'rules', 'event_id', 'rules-stored-v' .. v, 'data', event)
 redis.call('PUBLISH', ARGV[6], v)
 return {v, cur}
 """
@@ -165,11 +166,11 @@ local c = tonumber(redis.call('GET', KEYS[2]) or '0')
 if c < tonumber(ARGV[2]) then
   redis.call('SET', KEYS[2], ARGV[2])
 end
-local event = cjson.encode({kind = 'rules_reseeded', version = tonumber(ARGV[2]),
-                            author = ARGV[3], replica = ARGV[6], ts = tonumber(ARGV[9]),
+local event = cjson.encode({kind = 'rules', action = 'reseeded', version = tonumber(ARGV[2]),
+                            author = ARGV[3], replica = ARGV[6], unix_s = tonumber(ARGV[9]),
                             sha256 = ARGV[5]})
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[7], '*',
-           'kind', 'rules_reseeded', 'event_id', 'rules_reseeded-v' .. ARGV[2], 'data', event)
+           'kind', 'rules', 'event_id', 'rules-reseeded-v' .. ARGV[2], 'data', event)
 redis.call('PUBLISH', ARGV[8], ARGV[2])
 return 1
 """
@@ -326,7 +327,7 @@ class RedisRuleStore:
         return True
 
     def history(self, last: int = 20) -> list[dict]:
-        """The most recent rule_change / rules_reseeded audit events (who, when, version)."""
+        """The most recent rule-store audit events (action stored / reseeded: who, when, version)."""
         try:
             entries = self._r.xrevrange(self.keys["events"], count=max(last * 20, 200))
         except _CONN_ERRORS as exc:
@@ -335,7 +336,7 @@ class RedisRuleStore:
         out = [
             _decode_entry(eid, fields)
             for eid, fields in entries
-            if fields.get("kind") in ("rule_change", "rules_reseeded")
+            if fields.get("kind") == "rules" and fields.get("event_id", "").startswith("rules-")
         ]
         return list(reversed(out[:last]))
 
@@ -509,7 +510,7 @@ class RedisEventStore:
         try:
             kind = str(event.get("kind", "event"))
             body = dict(event)
-            body.setdefault("ts", time.time())
+            body.setdefault("unix_s", time.time())
             body["event_id"] = event_id
             data = json.dumps(body, default=str, separators=(",", ":"))
         except Exception:  # noqa: BLE001 - a bad event is counted, not raised

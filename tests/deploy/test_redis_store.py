@@ -100,9 +100,10 @@ def test_put_get_versions_and_audit_trail(stores, redis_server):
     assert before <= got.updated_unix_s <= time.time()
 
     # Every change is in the audit stream with who / when / version, readable by the event store.
-    changes = [e for e in events().tail(10) if e["kind"] == "rule_change"]
-    assert [(e["version"], e["previous_version"], e["author"]) for e in changes] == [(1, 0, "alice"), (2, 1, "bob")]
-    assert all(before - 1 <= e["ts"] <= time.time() + 1 for e in changes)
+    changes = [e for e in events().tail(10) if e["kind"] == "rules"]
+    assert [(e["action"], e["version"], e["previous_version"], e["author"]) for e in changes] == [
+        ("stored", 1, 0, "alice"), ("stored", 2, 1, "bob")]
+    assert all(before - 1 <= e["unix_s"] <= time.time() + 1 for e in changes)
     assert [e["author"] for e in store.history()] == ["alice", "bob"]
 
     # Compare-and-set.
@@ -176,7 +177,7 @@ def test_events_append_tail_follow(stores):
     got = reader.tail(3)
     assert [e["request_id"] for e in got] == ["r2", "r3", "r4"]
     assert [e["event_id"] for e in got] == ids[2:]
-    assert got[0]["labels"] == {"tenant": "acme"} and got[0]["kind"] == "alert" and "ts" in got[0]
+    assert got[0]["labels"] == {"tenant": "acme"} and got[0]["kind"] == "alert" and "unix_s" in got[0]
     assert [e["request_id"] for e in reader.follow(None, block_ms=0)] == [f"r{i}" for i in range(5)]
 
     # follow blocks until something newer than after_id arrives (what `alerts tail` loops on).
@@ -280,7 +281,7 @@ def test_redis_killed_and_restarted_mid_run(stores, redis_server):
     stored = raw(redis_server).hgetall(admin.keys["rules"])
     assert stored["yaml"] == RULES_V2 and stored["reseeded_by"] in ("a", "b")
     assert replica_a.reseeds + replica_b.reseeds >= 1
-    assert any(e["kind"] == "rules_reseeded" for e in sink.tail(100))
+    assert any(e["kind"] == "rules" and e["action"] == "reseeded" for e in sink.tail(100))
     # ...and nobody was told to reload the same set.
     assert rec_a.versions == [] and rec_b.versions == []
 
@@ -370,7 +371,7 @@ def test_open_from_store_config(redis_server):
     try:
         assert rules.reconcile_interval_s == 2 and events.maxlen == 500
         assert rules.keys["rules"] == "{fleet1}:rules" and events.stream == "{fleet1}:events"
-        assert rules.put(RULES_V1, "a") == 1 and events.tail(1)[0]["kind"] == "rule_change"
+        assert rules.put(RULES_V1, "a") == 1 and events.tail(1)[0]["action"] == "stored"
     finally:
         rules.close()
         events.close()
