@@ -49,10 +49,6 @@ def make_stores(config: SidecarConfig):
 class Sidecar:
     def __init__(self, config: SidecarConfig, dictionaries: Dictionaries | None = None, rule_store=None, event_store=None) -> None:
         self.config = config
-        if config.encode_threads:
-            import torch
-
-            torch.set_num_threads(config.encode_threads)
         self.dictionaries = dictionaries or Dictionaries(config.sources, device=config.encode_device)
         default_rules, default_events = (None, None) if rule_store and event_store else make_stores(config)
         self.rule_store = rule_store or default_rules
@@ -66,7 +62,7 @@ class Sidecar:
         self.pipeline = Pipeline(compile_rules("", self.dictionaries), self.requests, self.metrics, self.events,
                                  self.tracing, self.steering, config.model_name)
         self.streams: set[PluginStream] = set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="featurewatch-pipeline")
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="featurewatch-pipeline", initializer=self._init_worker)
         self._queue: asyncio.Queue | None = None
         self._queued_batches = 0
         self._queued_bytes = 0
@@ -78,6 +74,12 @@ class Sidecar:
         self.health = health.aio.HealthServicer()
         self.metrics.queue_capacity.labels("encode").set(config.limits.queue_batches)
         self._load_initial_rules()
+
+    def _init_worker(self) -> None:
+        """OpenMP thread counts are per calling thread: set torch's on the pipeline thread itself."""
+        import torch
+
+        torch.set_num_threads(self.config.encode_threads or max(1, (os.cpu_count() or 2) - 1))
 
     # ------------------------------------------------------------------ rules
     @property

@@ -45,7 +45,8 @@ class DecodedBatch:
 def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int], max_bytes: int, max_tokens: int) -> DecodedBatch:
     """Validate shapes, dtypes, labels and limits; raise BatchRejected(reason, detail)."""
     t = msg.activations
-    nbytes = len(t.data)
+    data = t.data  # each access to a protobuf bytes field copies it: read it once
+    nbytes = len(data)
     if nbytes > max_bytes:
         raise BatchRejected("oversized", f"{nbytes} bytes > limit {max_bytes}")
     if t.dtype not in TORCH_DTYPES:
@@ -70,13 +71,13 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
     if not (len(msg.token_request_index) == len(msg.positions) == len(msg.is_generated) == n_tokens):
         raise BatchRejected("malformed", f"label lengths {len(msg.token_request_index)}/{len(msg.positions)}/"
                             f"{len(msg.is_generated)} differ from {n_tokens} tokens")
-    token_request = np.fromiter(msg.token_request_index, dtype=np.int64, count=n_tokens)
+    token_request = np.array(msg.token_request_index, dtype=np.int64)
     if n_tokens and (token_request.max() >= len(msg.request_ids)):
         raise BatchRejected("malformed", f"token request index {int(token_request.max())} >= {len(msg.request_ids)} request ids")
-    activations = torch.frombuffer(t.data, dtype=dtype).view(n_layers, n_tokens, d) if nbytes else torch.empty(shape, dtype=dtype)
+    activations = torch.frombuffer(data, dtype=dtype).view(n_layers, n_tokens, d) if nbytes else torch.empty(shape, dtype=dtype)
     return DecodedBatch(
         step=msg.step, layers=list(msg.layers), activations=activations, request_ids=list(msg.request_ids),
-        token_request=token_request, positions=np.fromiter(msg.positions, dtype=np.int64, count=n_tokens),
-        generated=np.fromiter(msg.is_generated, dtype=bool, count=n_tokens),
+        token_request=token_request, positions=np.array(msg.positions, dtype=np.int64),
+        generated=np.array(msg.is_generated, dtype=bool),
         captured_unix_s=msg.captured_unix_s, nbytes=nbytes,
     )

@@ -24,6 +24,7 @@ class PluginClient:
         self.d_model, self.dtype = d_model, dtype
         self._out: queue.Queue = queue.Queue(maxsize=256)
         self.received: list[pb.SidecarMessage] = []
+        self.arrived_at: list[float] = []  # perf_counter() when each received message arrived
         self._cond = threading.Condition()
         self._out.put(pb.PluginMessage(hello=pb.Hello(model_name=model_name, d_model=d_model, available_layers=list(layers),
                                                       dtype=dtype, plugin_version="test", engine=engine, max_tokens_per_step=8192)))
@@ -44,6 +45,7 @@ class PluginClient:
             for msg in self._call:
                 with self._cond:
                     self.received.append(msg)
+                    self.arrived_at.append(time.perf_counter())
                     self._cond.notify_all()
         except grpc.RpcError as exc:
             self.error = exc
@@ -85,6 +87,14 @@ class PluginClient:
     def directives(self) -> list[pb.SteeringDirective]:
         with self._cond:
             return [m.directive for m in self.received if m.HasField("directive")]
+
+    def arrivals(self) -> list[tuple[pb.SidecarMessage, float]]:
+        with self._cond:
+            return list(zip(self.received, self.arrived_at))
+
+    def half_close(self) -> None:
+        """End the request stream (as a plugin shutting down); responses can still arrive."""
+        self._out.put(None)
 
     def close(self) -> None:
         self._out.put(None)

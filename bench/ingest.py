@@ -1,0 +1,256 @@
+"""Ingest benchmark: sustained throughput and token-to-alert latency through the real sidecar.
+
+    python bench/ingest.py [--d 2304] [--d-sae 16384] [--seconds 8] [--tokens 256]
+
+One run, side by side (this machine is shared and noisy, so compare within a run):
+  1. a null gRPC sink (same proto, same socket kinds) that only counts bytes: the transport ceiling;
+  2. the real `featurewatch serve` process (SAE subset encode + probes + rules) over its Unix socket
+     and over TCP loopback, open loop at full speed: accepted GB/s, processed tokens/s, drops;
+  3. latency at nominal load (a fixed fraction of the measured capacity), with a planted feature in
+     every batch: client-side send -> steering directive received (p50/p99), and the sidecar's own
+     featurewatch_token_to_verdict_seconds histogram.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monitor.protocol import pb, pb_grpc  # noqa: E402
+from tests.support.dictionaries import PLANTED_FEATURE, planted_direction  # noqa: E402
+from tests.support.plugin_client import PluginClient  # noqa: E402
+from tests.support.sidecar import SidecarProcess, free_port  # noqa: E402
+
+
+def write_bench_sae(path: Path, d: int, d_sae: int) -> Path:
+    """A JumpReLU SAE at the benchmark size with the planted feature of the test fixtures."""
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    u = planted_direction(d)
+    w_enc = rng.standard_normal((d, d_sae), dtype=np.float32) * np.float32(0.01)
+    w_enc[:, PLANTED_FEATURE] = u
+    w_dec = np.ascontiguousarray(w_enc.T)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({"W_enc": w_enc, "W_dec": w_dec, "b_enc": np.full(d_sae, -1.0, np.float32),
+               "b_dec": np.zeros(d, np.float32), "threshold": np.full(d_sae, 0.5, np.float32)},
+              str(path / "sae_weights.safetensors"))
+    (path / "cfg.json").write_text(json.dumps({"architecture": "jumprelu", "d_in": d, "d_sae": d_sae, "dtype": "float32",
+                                               "apply_b_dec_to_input": False, "normalize_activations": "none"}))
+    return path
+
+
+def write_bench_probes(path: Path, d: int) -> Path:
+    from monitor.encode import save_probes
+
+    rng = np.random.default_rng(1)
+    weight = np.stack([planted_direction(d)] + [rng.standard_normal(d).astype(np.float32) * 0.01 for _ in range(3)])
+    save_probes(path, weight, np.full(4, -5.0, np.float32), names=["planted", "p1", "p2", "p3"], layer=1)
+    return path
+
+
+RULES = "rules:\n" + "".join(
+    f"  - {{name: f{f}, signal: {{source: sae, feature: {f}}}, above: 2.0, scope: generated}}\n" for f in range(1, 16) if f != PLANTED_FEATURE
+) + f"""  - name: planted
+    signal: {{source: sae, feature: {PLANTED_FEATURE}}}
+    above: 2.0
+    actions: [{{alert: {{}}}}, {{steer: {{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}}}]
+  - {{name: probe_count, signal: {{source: probes, probe: planted}}, above: 0.9, window: {{kind: count, n: 3}}}}
+  - {{name: probe_ema, signal: {{source: probes, probe: p1}}, above: 0.9, window: {{kind: ema, alpha: 0.2}}}}
+"""
+
+
+def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "") -> pb.PluginMessage:
+    """One model step: `n_requests` fresh requests of equal length, all tokens generated.
+    Request ids are unique per phase: re-sent (request, position) pairs are deduplicated."""
+    n = x.shape[1]
+    per = n // n_requests
+    rids = [f"{phase}-{step}-{i}" for i in range(n_requests)]
+    return PluginClient.batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), np.tile(np.arange(per), n_requests),
+                              [True] * n)
+
+
+def run_sink(port_q, socket_path: str) -> None:
+    """A null Ingest server: receive, count, discard (the transport ceiling)."""
+    import grpc
+
+    class Sink(pb_grpc.IngestServicer):
+        async def Stream(self, request_iterator, context):
+            n = 0
+            async for msg in request_iterator:
+                n += len(msg.batch.activations.data)
+            yield pb.SidecarMessage(ack=pb.Ack(step=n))
+
+    async def main():
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 28)])
+        pb_grpc.add_IngestServicer_to_server(Sink(), server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        server.add_insecure_port(f"unix:{socket_path}")
+        await server.start()
+        port_q.put(port)
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+
+
+def sink_throughput(d: int, x: np.ndarray, seconds: float, n_requests: int, tmp: Path) -> dict:
+    q = mp.Queue()
+    sock = str(tmp / "sink.sock")
+    proc = mp.Process(target=run_sink, args=(q, sock), daemon=True)
+    proc.start()
+    port = q.get(timeout=30)
+    out = {}
+    for name, address in (("unix", f"unix://{sock}"), ("tcp", f"127.0.0.1:{port}")):
+        client = PluginClient(address, d, layers=[1])
+        start, sent, step = time.perf_counter(), 0, 0
+        while time.perf_counter() - start < seconds:
+            step += 1
+            client.send(make_batch(step, x, n_requests))
+            sent += x.nbytes
+        client.half_close()  # the sink answers with its byte count once the stream ends
+        client.wait_for(lambda m: m.HasField("ack"), timeout=60)
+        out[name] = sent / (time.perf_counter() - start)
+        client.channel.close()
+    proc.terminate()
+    return out
+
+
+def metric(text: str, name: str, **labels) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and not line.startswith("#") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            head = line.split("#")[0].split()
+            if head[0].split("{")[0] == name:
+                total += float(head[-1])
+    return total
+
+
+def histogram_quantile(before: str, after: str, name: str, q: float) -> float:
+    """The bucket bound holding quantile q of the observations made between two scrapes."""
+    def buckets(text):
+        out = {}
+        for line in text.splitlines():
+            if line.startswith(name + "_bucket"):
+                le = line.split('le="')[1].split('"')[0]
+                out[float("inf") if le == "+Inf" else float(le)] = float(line.split("#")[0].split()[-1])
+        return out
+    b0, b1 = buckets(before), buckets(after)
+    buckets = sorted((le, n - b0.get(le, 0.0)) for le, n in b1.items())
+    total = buckets[-1][1] if buckets else 0
+    for le, count in buckets:
+        if total and count >= q * total:
+            return le
+    return float("nan")
+
+
+def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int) -> dict:
+    phase = f"blast{time.monotonic_ns()}"
+    before = sc.metrics()
+    client = PluginClient(address, d, layers=[1])
+    client.plan(timeout=30)
+    start, sent, step = time.perf_counter(), 0, 0
+    while time.perf_counter() - start < seconds:
+        step += 1
+        client.send(make_batch(step, x, n_requests, phase))
+        sent += x.nbytes
+    # Wait for the queue to drain so "processed" counts everything accepted.
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = sc.metrics()
+        handled = metric(text, "featurewatch_batches_received_total") - metric(before, "featurewatch_batches_received_total")
+        if handled >= step and metric(text, "featurewatch_queue_depth", stage="encode") == 0:
+            break
+        time.sleep(0.05)
+    elapsed = time.perf_counter() - start
+    client.close()
+    tokens = metric(text, "featurewatch_tokens_processed_total") - metric(before, "featurewatch_tokens_processed_total")
+    accepted = metric(text, "featurewatch_received_bytes_total") - metric(before, "featurewatch_received_bytes_total")
+    dropped = metric(text, "featurewatch_batches_dropped_total") - metric(before, "featurewatch_batches_dropped_total")
+    return {"sent_gbps": sent / elapsed / 1e9, "accepted_gbps": accepted / elapsed / 1e9, "tokens_per_s": tokens / elapsed,
+            "batches": step, "dropped": int(dropped)}
+
+
+def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int) -> dict:
+    """Paced load with a planted generated token in every batch; time send -> directive back."""
+    before = sc.metrics()
+    client = PluginClient(sc.socket_address, d, layers=[1])
+    client.plan(timeout=30)
+    xp = x.copy()
+    xp[0, -1] += 10 * planted_direction(d)  # the last token of the last request of every batch
+    interval = x.shape[1] / tokens_per_s
+    sent_at: dict[str, float] = {}
+    start = time.perf_counter()
+    step = 0
+    while time.perf_counter() - start < seconds:
+        step += 1
+        msg = make_batch(step, xp, n_requests, "latency")
+        sent_at[msg.batch.request_ids[-1]] = time.perf_counter()
+        client.send(msg)
+        next_at = start + step * interval
+        time.sleep(max(0.0, next_at - time.perf_counter()))
+    deadline = time.monotonic() + 30
+    while len(client.directives()) < step and time.monotonic() < deadline:
+        time.sleep(0.05)
+    lat = [t - sent_at[m.directive.request_id] for m, t in client.arrivals()
+           if m.HasField("directive") and m.directive.request_id in sent_at]
+    client.close()
+    lat_ms = np.array(lat) * 1e3
+    text = sc.metrics()
+    return {"offered_tokens_per_s": tokens_per_s, "batches": step, "directives": len(lat),
+            "p50_ms": float(np.percentile(lat_ms, 50)) if lat else float("nan"),
+            "p99_ms": float(np.percentile(lat_ms, 99)) if lat else float("nan"),
+            "sidecar_verdict_p99_le_s": histogram_quantile(before, text, "featurewatch_token_to_verdict_seconds", 0.99)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=int, default=2304)
+    ap.add_argument("--d-sae", type=int, default=16384)
+    ap.add_argument("--tokens", type=int, default=256, help="tokens per batch (one model step)")
+    ap.add_argument("--requests", type=int, default=16, help="requests per batch")
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--nominal", type=float, default=0.5, help="latency phase load as a fraction of measured capacity")
+    args = ap.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="fw-bench-"))
+    x = (np.random.default_rng(2).standard_normal((1, args.tokens, args.d)) * 0.05).astype(np.float32)
+    mb = x.nbytes / 2**20
+    print(f"# featurewatch ingest bench: d={args.d} d_sae={args.d_sae} batch={args.tokens} tokens ({mb:.2f} MiB fp32), "
+          f"{args.requests} requests/batch, {args.seconds:.0f}s per phase")
+    sink = sink_throughput(args.d, x, args.seconds, args.requests, tmp)
+
+    sae = write_bench_sae(tmp / "sae", args.d, args.d_sae)
+    probes = write_bench_probes(tmp / "probes.safetensors", args.d)
+    (tmp / "rules.yaml").write_text(RULES)
+    config = {"model_name": "bench", "socket": str(tmp / "fw.sock"), "grpc_port": free_port(), "metrics_port": free_port(),
+              "metrics_host": "127.0.0.1", "rules_file": str(tmp / "rules.yaml"), "encode_threads": 1,
+              "sources": [{"name": "sae", "kind": "sae", "layer": 1, "path": str(sae)},
+                          {"name": "probes", "kind": "probes", "layer": 1, "path": str(probes)}]}
+    with SidecarProcess(tmp, config) as sc:
+        results = {name: sidecar_throughput(sc, address, args.d, x, args.seconds, args.requests)
+                   for name, address in (("unix", sc.socket_address), ("tcp", sc.tcp_address))}
+        capacity = results["unix"]["tokens_per_s"]
+        lat = latency(sc, args.d, x, capacity * args.nominal, args.seconds, args.requests)
+
+    print(f"\n{'path':<6} {'sink GB/s':>10} {'sidecar accepted GB/s':>22} {'ratio':>6} {'tokens/s':>10} {'dropped':>8}")
+    for name in ("unix", "tcp"):
+        r = results[name]
+        print(f"{name:<6} {sink[name] / 1e9:>10.2f} {r['accepted_gbps']:>22.2f} {r['accepted_gbps'] * 1e9 / sink[name]:>6.2f} "
+              f"{r['tokens_per_s']:>10.0f} {r['dropped']:>5}/{r['batches']}")
+    print(f"\nlatency at {args.nominal:.0%} of capacity ({lat['offered_tokens_per_s']:.0f} tokens/s, unix socket): "
+          f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
+          f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
