@@ -21,8 +21,8 @@ steering_app = typer.Typer(help="The steering kill switch.", no_args_is_help=Tru
 app.add_typer(rules_app, name="rules")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(steering_app, name="steering")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 DEFAULT_ADDRESS = "unix:///tmp/featurewatch.sock"
 AddressOpt = typer.Option(DEFAULT_ADDRESS, "--address", "-a", envvar="FEATUREWATCH_ADDRESS",
