@@ -18,6 +18,8 @@ class EventSink:
     def __init__(self, store, metrics, capacity: int = 10_000) -> None:
         self.store, self.metrics = store, metrics
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+        metrics.queue_capacity.labels("events").set(capacity)
+        self._depth = metrics.queue_depth.labels("events")
         self._thread = threading.Thread(target=self._run, name="featurewatch-events", daemon=True)
         self._stopped = threading.Event()
         self._thread.start()
@@ -28,6 +30,7 @@ class EventSink:
             self._queue.put_nowait(event)
         except queue.Full:
             self.metrics.events_dropped.labels("queue_full").inc()
+        self._depth.set(self._queue.qsize())
 
     def _run(self) -> None:
         while not (self._stopped.is_set() and self._queue.empty()):
@@ -35,6 +38,7 @@ class EventSink:
                 event = self._queue.get(timeout=0.2)
             except queue.Empty:
                 continue
+            self._depth.set(self._queue.qsize())
             try:
                 self.store.append(event)
                 self.metrics.events.labels(event["kind"]).inc()
