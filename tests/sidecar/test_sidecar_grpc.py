@@ -219,3 +219,23 @@ def test_socket_is_private_and_promtool_accepts_the_metrics(sidecar):
     text = sidecar.metrics()
     result = subprocess.run([promtool, "check", "metrics"], input=text, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_plugin_counters_travel_on_the_stream_and_are_exported_as_increases(sidecar):
+    client = PluginClient(sidecar.socket_address, D, engine="7")
+    try:
+        client.plan()
+        for dropped, reconnects in ((3, 1), (5, 1)):  # cumulative, as the plugin reports them
+            client.send(pb.PluginMessage(stats=pb.PluginStats(batches_dropped_queue_full=dropped, reconnects=reconnects,
+                                                              enqueue_seconds_sum=0.5, enqueue_count=10, queue_depth=2)))
+        deadline = time.monotonic() + 10
+        while metric_value(sidecar.metrics(), "featurewatch_plugin_batches_dropped_total", engine="7") < 5:
+            assert time.monotonic() < deadline, "plugin stats not exported"
+            time.sleep(0.1)
+        text = sidecar.metrics()
+        assert metric_value(text, "featurewatch_plugin_batches_dropped_total", engine="7") == 5
+        assert metric_value(text, "featurewatch_plugin_reconnects_total", engine="7") == 1
+        assert metric_value(text, "featurewatch_plugin_enqueued_batches_total", engine="7") == 10
+        assert metric_value(text, "featurewatch_plugin_queue_depth", engine="7") == 2
+    finally:
+        client.close()
