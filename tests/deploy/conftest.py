@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from deploy_helpers import RedisProcess, need_binary
+from tests.deploy.deploy_helpers import RedisProcess, need_binary
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from deploy_helpers import REPO, need_binary, run
+from tests.deploy.deploy_helpers import REPO, need_binary, run
 
 CONFIG = REPO / "deploy" / "alertmanager" / "alertmanager.yml"
 RULES = REPO / "deploy" / "prometheus" / "rules" / "featurewatch.rules.yml"

@@ -9,7 +9,7 @@ import tomllib
 import pytest
 import yaml
 
-from deploy_helpers import REPO, run
+from tests.deploy.deploy_helpers import REPO, run
 from monitor.config import SidecarConfig
 from monitor.evaluate.rules import parse_rules
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from deploy_helpers import REPO, contract_metric_names
+from tests.deploy.deploy_helpers import REPO, contract_metric_names
 
 DASHBOARDS = REPO / "dashboards"
 

@@ -8,7 +8,7 @@ import tomllib
 import pytest
 import yaml
 
-from deploy_helpers import REPO, need_binary, run
+from tests.deploy.deploy_helpers import REPO, need_binary, run
 from monitor.config import SidecarConfig
 from monitor.evaluate.rules import parse_rules
 

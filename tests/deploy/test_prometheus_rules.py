@@ -6,7 +6,7 @@ import re
 
 import yaml
 
-from deploy_helpers import REPO, contract_metric_names, need_binary, run
+from tests.deploy.deploy_helpers import REPO, contract_metric_names, need_binary, run
 
 PROM = REPO / "deploy" / "prometheus"
 RULES = PROM / "rules" / "featurewatch.rules.yml"

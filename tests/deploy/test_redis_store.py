@@ -10,7 +10,7 @@ import time
 import pytest
 import redis
 
-from deploy_helpers import wait_for
+from tests.deploy.deploy_helpers import wait_for
 from monitor.stores.base import EventStore, RuleStore, StoredRules
 from monitor.stores.redis import (
     RedisEventStore,
