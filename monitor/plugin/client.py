@@ -1,0 +1,283 @@
+"""The plugin's connection to the sidecar: one gRPC bidi stream, a bounded outbound queue, a
+background thread that reconnects with jittered exponential backoff.
+
+The forward thread only ever calls :meth:`SidecarClient.offer` (never blocks: a full queue drops the
+item and counts it). Serialisation of activation batches (a device→host copy already made by the
+forward thread, then ``tobytes``) happens on gRPC's request-iterator thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import grpc
+import numpy as np
+import torch
+
+from monitor.plugin.config import PluginConfig, grpc_target
+from monitor.protocol import pb, pb_grpc
+
+logger = logging.getLogger("vllm.featurewatch")
+
+_DTYPES = {torch.float32: pb.FLOAT32, torch.float16: pb.FLOAT16, torch.bfloat16: pb.BFLOAT16}
+_MAX_MSG = 512 * 1024 * 1024
+
+
+@dataclass
+class Counters:
+    batches_enqueued: int = 0
+    batches_dropped_queue_full: int = 0
+    batches_dropped_disconnected: int = 0
+    batches_sent: int = 0
+    batches_rejected: int = 0
+    tokens_tapped: int = 0
+    enqueue_seconds_sum: float = 0.0
+    enqueue_count: int = 0
+    reconnects: int = 0
+    connects: int = 0
+    cached_prompt_tokens_untapped: int = 0
+    steering_rows_applied: int = 0
+    directives_received: int = 0
+    directives_applied: int = 0
+    directives_rejected: int = 0
+    directives_late: int = 0
+    policy_mismatch: int = 0
+    salt_missing: int = 0
+    plans_received: int = 0
+    requests_started: int = 0
+    requests_finished: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class BatchItem:
+    """One step's activations, already copied off the tap buffer (maybe still in flight on GPU)."""
+
+    step: int
+    layers: list[int]
+    host: torch.Tensor  # [len(layers), n, d]
+    event: object | None
+    request_ids: list[str]
+    token_request_index: np.ndarray
+    positions: np.ndarray
+    is_generated: np.ndarray
+    captured_unix_s: float
+    nbytes: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.nbytes = self.host.numel() * self.host.element_size()
+
+    def messages(self, max_bytes: int) -> Iterator[pb.PluginMessage]:
+        if self.event is not None:
+            self.event.synchronize()
+        host = self.host
+        dtype = _DTYPES[host.dtype]
+        if host.dtype == torch.bfloat16:
+            host = host.view(torch.int16)
+        arr = host.numpy()
+        L, n, d = arr.shape
+        per_token = max(1, L * d * arr.itemsize)
+        chunk = n if max_bytes <= 0 else max(1, min(n, max_bytes // per_token))
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            idx = self.token_request_index[a:b]
+            used = np.unique(idx)
+            remap = np.zeros(len(self.request_ids), dtype=np.int64)
+            remap[used] = np.arange(len(used))
+            yield pb.PluginMessage(batch=pb.ActivationBatch(
+                step=self.step,
+                layers=self.layers,
+                activations=pb.Tensor(dtype=dtype, shape=[L, b - a, d],
+                                      data=np.ascontiguousarray(arr[:, a:b]).tobytes()),
+                request_ids=[self.request_ids[i] for i in used],
+                token_request_index=remap[idx].tolist(),
+                positions=self.positions[a:b].tolist(),
+                is_generated=self.is_generated[a:b].tolist(),
+                captured_unix_s=self.captured_unix_s,
+            ))
+
+
+class SidecarClient:
+    """Background connection. ``hello()`` builds the Hello, ``on_connect()`` returns the messages
+    to replay after it (RequestStart of live requests), ``on_message(msg)`` receives what the
+    sidecar sends, ``on_disconnect()`` is called when a stream ends."""
+
+    def __init__(
+        self,
+        cfg: PluginConfig,
+        counters: Counters,
+        hello: Callable[[], pb.Hello],
+        on_connect: Callable[[], list[pb.PluginMessage]],
+        on_message: Callable[[pb.SidecarMessage], None],
+        on_disconnect: Callable[[], None],
+        stats: Callable[[], pb.PluginStats],
+    ) -> None:
+        self.cfg = cfg
+        self.counters = counters
+        self._hello, self._on_connect, self._on_message = hello, on_connect, on_message
+        self._on_disconnect, self._stats = on_disconnect, stats
+        self._q: queue.Queue = queue.Queue(maxsize=cfg.queue_batches + 1024)
+        self._batches = 0
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.connected = False
+        self.last_error = ""
+        self.max_batch_bytes = 0
+        self._thread: threading.Thread | None = None
+
+    # -- forward-thread side
+
+    def has_room(self, nbytes: int = 0) -> bool:
+        return self._batches < self.cfg.queue_batches and self._bytes + nbytes <= self.cfg.queue_bytes
+
+    def offer(self, item: pb.PluginMessage | BatchItem) -> bool:
+        """Enqueue without blocking; drop and count when disconnected or full."""
+        t0 = time.perf_counter()
+        is_batch = isinstance(item, BatchItem)
+        ok = False
+        if not self.connected:
+            if is_batch:
+                self.counters.batches_dropped_disconnected += 1
+        elif is_batch and not self.has_room(item.nbytes):
+            self.counters.batches_dropped_queue_full += 1
+        else:
+            try:
+                self._q.put_nowait(item)
+                ok = True
+                if is_batch:
+                    with self._lock:
+                        self._batches += 1
+                        self._bytes += item.nbytes
+                    self.counters.batches_enqueued += 1
+            except queue.Full:
+                if is_batch:
+                    self.counters.batches_dropped_queue_full += 1
+        self.counters.enqueue_seconds_sum += time.perf_counter() - t0
+        self.counters.enqueue_count += 1
+        return ok
+
+    @property
+    def queue_depth(self) -> int:
+        return self._batches
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="featurewatch-client", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        backoff = self.cfg.backoff_initial_s
+        attempt = 0
+        while not self._stop.is_set():
+            if attempt:
+                self.counters.reconnects += 1
+            attempt += 1
+            started = time.monotonic()
+            try:
+                self._stream_once()
+            except Exception as e:  # noqa: BLE001 - any failure means: reconnect later
+                self.last_error = f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}"
+                logger.debug("featurewatch: stream ended: %s", self.last_error)
+            was_connected = self.connected
+            self.connected = False
+            self._drain()
+            if was_connected:
+                try:
+                    self._on_disconnect()
+                except Exception:  # noqa: BLE001
+                    logger.exception("featurewatch: on_disconnect failed")
+            if time.monotonic() - started > 5.0:
+                backoff = self.cfg.backoff_initial_s
+            # full jitter
+            self._stop.wait(random.uniform(0.5, 1.0) * backoff)
+            backoff = min(self.cfg.backoff_max_s, backoff * 2)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._q.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, BatchItem):
+                self._release(item)
+                self.counters.batches_dropped_disconnected += 1
+
+    def _release(self, item: BatchItem) -> None:
+        with self._lock:
+            self._batches -= 1
+            self._bytes -= item.nbytes
+
+    def _stream_once(self) -> None:
+        options = [
+            ("grpc.max_send_message_length", _MAX_MSG),
+            ("grpc.max_receive_message_length", _MAX_MSG),
+            ("grpc.keepalive_time_ms", 10000),
+            ("grpc.enable_retries", 0),
+        ]
+        with grpc.insecure_channel(grpc_target(self.cfg.address or ""), options=options) as ch:
+            grpc.channel_ready_future(ch).result(timeout=2.0)
+            stub = pb_grpc.IngestStub(ch)
+            done = threading.Event()
+            responses = stub.Stream(self._requests(done))
+            try:
+                for msg in responses:
+                    self._on_message(msg)
+                    if msg.WhichOneof("kind") == "plan":
+                        self.max_batch_bytes = int(msg.plan.max_batch_bytes)
+                        if not self.connected:
+                            self.connected = True
+                            self.counters.connects += 1
+                            logger.info("featurewatch: connected to %s", self.cfg.address)
+                    elif msg.WhichOneof("kind") == "ack" and msg.ack.rejected_reason:
+                        self.counters.batches_rejected += 1
+                    if self._stop.is_set():
+                        break
+            finally:
+                done.set()
+                responses.cancel()
+
+    def _requests(self, done: threading.Event) -> Iterator[pb.PluginMessage]:
+        yield pb.PluginMessage(hello=self._hello())
+        # Wait for the plan before replaying live requests (the sidecar learns them again).
+        while not self.connected and not done.is_set() and not self._stop.is_set():
+            time.sleep(0.01)
+        for m in self._on_connect():
+            yield m
+        next_stats = time.monotonic() + self.cfg.stats_interval_s
+        while not done.is_set() and not self._stop.is_set():
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + self.cfg.stats_interval_s
+                yield pb.PluginMessage(stats=self._stats())
+            try:
+                item = self._q.get(timeout=min(0.05, max(0.0, next_stats - now)))
+            except queue.Empty:
+                continue
+            if isinstance(item, BatchItem):
+                try:
+                    for m in item.messages(self.max_batch_bytes):
+                        yield m
+                    self.counters.batches_sent += 1
+                finally:
+                    self._release(item)
+            else:
+                yield item
+        # final stats so the sidecar's view is current when the stream closes cleanly
+        if self._stop.is_set():
+            yield pb.PluginMessage(stats=self._stats())

