@@ -202,6 +202,20 @@ class _EventPrinter:
         console.print(f"{when} [{colour}]{kind:8}[/{colour}] {what} {detail}", highlight=False)
 
 
+@app.command()
+def demo(requests: int = typer.Option(24, help="Eliciting prompts per concept (and neutral) per phase."),
+         max_tokens: int = typer.Option(24, help="Tokens generated per request."),
+         linger: Optional[float] = typer.Option(None, help="Seconds to keep /metrics up afterwards (default: until Ctrl-C on a terminal, 0 otherwise)."),
+         metrics_port: int = typer.Option(9400, help="Sidecar /metrics port (a free one if taken)."),
+         workdir: Optional[Path] = typer.Option(None, help="Keep configs, logs and results here.")) -> None:
+    """Serve the embedded planted-concept model with vLLM + plugin + sidecar; show alerts and steering."""
+    from monitor.demo.run import Options, run_demo
+
+    logging.basicConfig(level="WARNING")
+    run_demo(Options(requests_per_concept=requests, neutral_requests=requests, max_tokens=max_tokens, linger_s=linger,
+                     metrics_port=metrics_port, workdir=workdir))
+
+
 def main() -> None:
     app()
 

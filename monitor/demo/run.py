@@ -1,0 +1,333 @@
+"""`featurewatch demo`: the whole product on the embedded default, end to end.
+
+Starts the sidecar (in-memory stores) and vLLM's OpenAI server with the plugin on the project's own
+planted-concept model, sends a traffic mix, scores the alerts against the corpus ground truth, then
+turns on suppression steering and shows the concept leave the outputs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from monitor.demo import corpus
+from monitor.protocol import pb, pb_grpc
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+console = Console(soft_wrap=True)
+
+
+def free_port(preferred: int | None = None) -> int:
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Options:
+    requests_per_concept: int = 24
+    neutral_requests: int = 24
+    max_tokens: int = 24
+    concurrency: int = 8
+    seed: int = 2026
+    metrics_port: int = 9400
+    linger_s: float | None = None  # None: until Ctrl-C on a terminal, 0 otherwise
+    workdir: Path | None = None
+
+
+@dataclass
+class Sent:
+    api_id: str
+    concept: str | None
+    prompt: str
+    text: str = ""
+    alerts: set = field(default_factory=set)
+    steered: bool = False
+
+
+def demo_rules(manifest: dict, steer: str) -> str:
+    """Alert rules for every concept from the manifest; `steer` = none | rule | policy."""
+    rules, policies = [], []
+    for concept, info in manifest["concepts"].items():
+        best = info["features"][0]
+        labels = {"owner": "trust-safety", "concept": concept}
+        actions: list = [{"alert": {}}]
+        clamps = [{"clamp": {"source": "demo_sae", "feature": int(f), "value": 0.0}} for f in info["steer_features"]]
+        if steer == "rule":
+            actions += [{"steer": c} for c in clamps]
+        rules.append({"name": f"{concept}_feature", "description": f"best SAE feature for {concept}",
+                      "signal": {"source": "demo_sae", "feature": int(best["feature"])},
+                      "above": float(best.get("alert_threshold", 0.0)), "scope": "generated", "severity": "warning",
+                      "labels": labels, "actions": actions})
+        rules.append({"name": f"{concept}_probe", "description": f"linear probe for {concept}",
+                      "signal": {"source": "demo_probes", "probe": info["probe"]},
+                      "above": float(info.get("probe_threshold", 0.5)), "scope": "generated", "severity": "warning",
+                      "labels": labels})
+        if steer == "policy":
+            policies.append({"name": f"suppress_{concept}", "selector": {}, "steer": clamps})
+    return yaml.safe_dump({"rules": rules, "policies": policies}, sort_keys=False)
+
+
+class Demo:
+    def __init__(self, options: Options) -> None:
+        self.o = options
+        self.manifest = json.loads((ASSETS / "manifest.json").read_text())
+        self.work = Path(options.workdir or tempfile.mkdtemp(prefix="featurewatch-demo-"))
+        self.work.mkdir(parents=True, exist_ok=True)
+        self.token = secrets.token_hex(16)
+        self.procs: list[subprocess.Popen] = []
+        self.socket = self.work / "featurewatch.sock"
+        self.grpc_port = free_port()
+        self.metrics_port = free_port(options.metrics_port)
+        self.http_port = free_port()
+        self.env = {**os.environ, "FEATUREWATCH_ADMIN_TOKEN": self.token}
+        for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME"):
+            self.env.setdefault(var, str(self.work / "cache" / var.lower()))
+        self.env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+                         "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"})
+
+    # ------------------------------------------------------------------ processes
+    def start_sidecar(self) -> None:
+        m = self.manifest
+        config = {
+            "model_name": "featurewatch-demo", "socket": str(self.socket), "grpc_port": self.grpc_port,
+            "metrics_port": self.metrics_port, "metrics_host": "127.0.0.1",
+            "sources": [{"name": "demo_sae", "kind": "sae", "layer": m["layer"], "path": str(ASSETS / m["sae"]["path"])},
+                        {"name": "demo_probes", "kind": "probes", "layer": m["layer"], "path": str(ASSETS / m["probes"]["path"])}],
+            "store": {"kind": "memory"}, "encode_threads": 1,
+        }
+        (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
+        (self.work / "rules.yaml").write_text(demo_rules(m, "none"))
+        self._spawn("sidecar", [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.work / "featurewatch.yaml")])
+        self._wait(lambda: self._healthy(), "sidecar", 60)
+        self.apply_rules("none")
+
+    def start_vllm(self) -> None:
+        env = {"FEATUREWATCH_ADDRESS": f"unix://{self.socket}", "FEATUREWATCH_LAYERS": str(self.manifest["layer"]),
+               "FEATUREWATCH_MODEL_NAME": "featurewatch-demo", "VLLM_PLUGINS": "featurewatch,featurewatch_routes"}
+        self.env.update(env)
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ASSETS / self.manifest["model"]["path"]),
+               "--served-model-name", "featurewatch-demo", "--host", "127.0.0.1", "--port", str(self.http_port),
+               "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16"]
+        self._spawn("vllm", cmd)
+        self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.http_port}/health"), "vLLM", 600)
+
+    def _spawn(self, name: str, cmd: list[str]) -> None:
+        log = open(self.work / f"{name}.log", "ab")
+        self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True))
+
+    def _wait(self, ready, what: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with console.status(f"starting {what} …"):
+            while time.monotonic() < deadline:
+                for proc in self.procs:
+                    if proc.poll() is not None:
+                        raise RuntimeError(f"{what} exited ({proc.returncode}); see logs in {self.work}")
+                if ready():
+                    console.print(f"[green]✓[/green] {what} up")
+                    return
+                time.sleep(0.5)
+        raise TimeoutError(f"{what} did not start in {timeout:.0f}s; see logs in {self.work}")
+
+    def _healthy(self) -> bool:
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as ch:
+                return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
+        except grpc.RpcError:
+            return False
+
+    @staticmethod
+    def _http_ok(url: str) -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    # ------------------------------------------------------------------ admin
+    def _admin(self):
+        return pb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")), [("authorization", f"Bearer {self.token}")]
+
+    def apply_rules(self, steer: str) -> None:
+        stub, md = self._admin()
+        reply = stub.PutRules(pb.PutRulesRequest(yaml=demo_rules(self.manifest, steer), author=f"demo:{steer}"), metadata=md, timeout=30)
+        if not reply.ok:
+            raise RuntimeError("demo rules rejected: " + "; ".join(f"{e.rule}.{e.field}: {e.message}" for e in reply.errors))
+        time.sleep(1.0)  # the new plan (policies) reaches the plugin over its stream
+
+    def events(self) -> list[dict]:
+        stub, md = self._admin()
+        return [json.loads(e.json) for e in stub.TailAlerts(pb.TailAlertsRequest(last=100_000), metadata=md, timeout=30)]
+
+    # ------------------------------------------------------------------ traffic
+    def traffic(self, phase: str) -> list[Sent]:
+        o = self.o
+        prompts = [(c, p) for c in corpus.CONCEPTS for p in corpus.eliciting_prompts(c, o.requests_per_concept, o.seed)]
+        prompts += [(None, p) for p in corpus.eliciting_prompts(None, o.neutral_requests, o.seed)]
+        sent = [Sent(f"{phase}-{i}", c, p.text) for i, (c, p) in enumerate(prompts)]
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:
+            task = progress.add_task(f"{phase}: {len(sent)} requests", total=len(sent))
+            with ThreadPoolExecutor(o.concurrency) as pool:
+                for _ in pool.map(self._complete, sent):
+                    progress.advance(task)
+        return sent
+
+    def _complete(self, s: Sent) -> None:
+        body = {"model": "featurewatch-demo", "prompt": s.prompt, "max_tokens": self.o.max_tokens, "temperature": 0.0,
+                "vllm_xargs": {"tenant": "demo", "expected": s.concept or "none"}}
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/v1/completions", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json", "X-Request-Id": s.api_id})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            s.text = json.loads(r.read())["choices"][0]["text"]
+
+    def attach_events(self, sent: list[Sent]) -> None:
+        by_id = {s.api_id: s for s in sent}
+        deadline = time.monotonic() + 10
+        while True:
+            events = self.events()
+            for e in events:
+                s = by_id.get(_api_suffix(e.get("api_request_id", "")))
+                if s is None:
+                    continue
+                if e["kind"] == "alert":
+                    s.alerts.add(e["rule"])
+                elif e["kind"] == "steering":
+                    s.steered = True
+            if time.monotonic() > deadline or any(s.alerts for s in sent):
+                return
+            time.sleep(0.5)
+
+    # ------------------------------------------------------------------ reports
+    def report_alerts(self, sent: list[Sent]) -> dict:
+        table = Table(title="Alerts against ground truth (concept present in the generated text)")
+        for col in ("rule", "concept", "TP", "FP", "FN", "precision", "recall"):
+            table.add_column(col, justify="right" if col not in ("rule", "concept") else "left")
+        scores = {}
+        for concept in corpus.CONCEPTS:
+            truth = {s.api_id for s in sent if corpus.find_mentions(s.text, concept)}
+            for kind in ("feature", "probe"):
+                rule = f"{concept}_{kind}"
+                fired = {s.api_id for s in sent if rule in s.alerts}
+                tp, fp, fn = len(fired & truth), len(fired - truth), len(truth - fired)
+                precision = tp / (tp + fp) if tp + fp else float("nan")
+                recall = tp / (tp + fn) if tp + fn else float("nan")
+                scores[rule] = (precision, recall)
+                table.add_row(rule, concept, str(tp), str(fp), str(fn), f"{precision:.2f}", f"{recall:.2f}")
+        console.print(table)
+        return scores
+
+    def report_steering(self, phases: dict[str, list[Sent]]) -> dict:
+        table = Table(title="Concept emission in generations from eliciting prompts")
+        table.add_column("concept")
+        for name in phases:
+            table.add_column(name, justify="right")
+        table.add_column("reduction", justify="right")
+        rates = {}
+        for concept in corpus.CONCEPTS:
+            row = []
+            for name, sent in phases.items():
+                mine = [s for s in sent if s.concept == concept]
+                rate = sum(bool(corpus.find_mentions(s.text, concept)) for s in mine) / max(1, len(mine))
+                rates[(concept, name)] = rate
+                row.append(f"{rate:.0%}")
+            first, last = rates[(concept, list(phases)[0])], rates[(concept, list(phases)[-1])]
+            reduction = (1 - last / first) if first else float("nan")
+            table.add_row(concept, *row, f"{reduction:.0%}")
+        console.print(table)
+        return rates
+
+    def show_examples(self, before: list[Sent], after: list[Sent]) -> None:
+        pairs = [(b, a) for b, a in zip(before, after) if b.concept and corpus.find_mentions(b.text, b.concept)][:3]
+        for b, a in pairs:
+            console.print(f"[dim]prompt …{b.prompt[-70:]!r}[/dim]\n  [red]monitor only:[/red] {b.text.strip()[:90]!r}\n"
+                          f"  [green]suppressed:[/green]   {a.text.strip()[:90]!r}")
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> dict:
+        console.rule("[bold]featurewatch demo")
+        console.print(f"model: {self.manifest['description']}\nlayer {self.manifest['layer']} SAE "
+                      f"{self.manifest['sae']['d_sae']} features; workdir {self.work}")
+        self.start_sidecar()
+        self.start_vllm()
+        console.rule("1. monitor: alerts only")
+        monitored = self.traffic("monitor")
+        self.attach_events(monitored)
+        alert_scores = self.report_alerts(monitored)
+        console.rule("2. steer from the token a rule fires on (per request)")
+        self.apply_rules("rule")
+        on_fire = self.traffic("on-fire")
+        self.attach_events(on_fire)
+        console.rule("3. suppress always (policy for every request)")
+        self.apply_rules("policy")
+        always = self.traffic("always")
+        self.attach_events(always)
+        rates = self.report_steering({"monitor only": monitored, "steer on fire": on_fire, "suppress always": always})
+        self.show_examples(monitored, always)
+        metrics = f"http://127.0.0.1:{self.metrics_port}/metrics"
+        console.print(f"\nPrometheus metrics: [bold]{metrics}[/bold]   vLLM: http://127.0.0.1:{self.http_port}/metrics   "
+                      f"logs: {self.work}")
+        return {"alerts": alert_scores, "emission": {f"{c}/{p}": r for (c, p), r in rates.items()}}
+
+
+def _api_suffix(api_request_id: str) -> str:
+    """vLLM's API id is cmpl-/chatcmpl- + X-Request-Id; the demo's X-Request-Id is the key."""
+    for prefix in ("chatcmpl-", "cmpl-"):
+        if api_request_id.startswith(prefix):
+            return api_request_id[len(prefix):]
+    return api_request_id
+
+
+def run_demo(options: Options) -> dict:
+    demo = Demo(options)
+    try:
+        result = demo.run()
+        (demo.work / "result.json").write_text(json.dumps(result, indent=2))
+        linger = options.linger_s if options.linger_s is not None else (float("inf") if sys.stdin.isatty() else 0.0)
+        if linger > 0:
+            console.print("Serving until Ctrl-C (or --linger seconds) so a Prometheus can scrape …")
+            try:
+                time.sleep(linger if linger != float("inf") else 10**9)
+            except KeyboardInterrupt:
+                pass
+        return result
+    finally:
+        demo.stop()
+        if options.workdir is None and not os.environ.get("FEATUREWATCH_DEMO_KEEP"):
+            shutil.rmtree(demo.work / "cache", ignore_errors=True)
