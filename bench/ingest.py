@@ -70,14 +70,20 @@ RULES = "rules:\n" + "".join(
 """
 
 
-def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "") -> pb.PluginMessage:
-    """One model step: `n_requests` fresh requests of equal length, all tokens generated.
-    Request ids are unique per phase: re-sent (request, position) pairs are deduplicated."""
+def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps_per_request: int = 64,
+               fresh_last: bool = False) -> pb.PluginMessage:
+    """One model step: `n_requests` requests, each with an equal share of the step's tokens.
+    A request lives `steps_per_request` steps (positions advance), then new ids take over;
+    ids are unique per phase since re-sent (request, position) pairs are deduplicated.
+    `fresh_last`: the last request is new in every step (rules fire once per request)."""
     n = x.shape[1]
     per = n // n_requests
-    rids = [f"{phase}-{step}-{i}" for i in range(n_requests)]
-    return PluginClient.batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), np.tile(np.arange(per), n_requests),
-                              [True] * n)
+    generation, offset = divmod(step, steps_per_request)
+    rids = [f"{phase}-{generation}-{i}" for i in range(n_requests)]
+    if fresh_last:
+        rids[-1] = f"{phase}-step{step}"
+    positions = offset * per + np.tile(np.arange(per), n_requests)
+    return PluginClient.batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n)
 
 
 def run_sink(port_q, socket_path: str) -> None:
@@ -193,7 +199,7 @@ def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seco
     step = 0
     while time.perf_counter() - start < seconds:
         step += 1
-        msg = make_batch(step, xp, n_requests, "latency")
+        msg = make_batch(step, xp, n_requests, "latency", fresh_last=True)  # one verdict per batch
         sent_at[msg.batch.request_ids[-1]] = time.perf_counter()
         client.send(msg)
         next_at = start + step * interval

@@ -167,42 +167,65 @@ class RequestTable:
         return verdicts
 
     def _ema(self, version: int, rule: CompiledRule, batch: LayerBatch, values: np.ndarray, in_scope: np.ndarray) -> list[Verdict]:
-        verdicts = []
+        """EMA windows for every request of the batch at once (decode steps carry one token per
+        request, so a per-request Python loop would cost a loop per token)."""
         idx = np.nonzero(in_scope)[0]
-        for req in np.unique(batch.token_request[idx]):
-            state = self._state_for(batch.request_ids[req])
-            mine = idx[batch.token_request[idx] == req]
-            mine = mine[np.argsort(batch.positions[mine], kind="stable")]
-            trace = ema_trace(values[mine].astype(np.float64), rule.ema_alpha, state.ema[rule.index])
-            state.ema[rule.index] = trace[-1]
-            if state.fired[rule.index]:
+        idx = idx[np.lexsort((batch.positions[idx], batch.token_request[idx]))]  # by request, then position
+        reqs, starts = np.unique(batch.token_request[idx], return_index=True)
+        states = [self._state_for(batch.request_ids[r]) for r in reqs]
+        seeds = np.array([st.ema[rule.index] for st in states])
+        trace = segmented_ema(values[idx].astype(np.float64), starts, rule.ema_alpha, seeds)
+        ends = np.r_[starts[1:], len(idx)] - 1
+        verdicts = []
+        for k, st in enumerate(states):
+            st.ema[rule.index] = trace[ends[k]]
+            if st.fired[rule.index]:
                 continue
-            above = np.nonzero(trace > rule.above)[0]
+            above = np.nonzero(trace[starts[k]:ends[k] + 1] > rule.above)[0]
             if above.size:
-                state.fired[rule.index] = True
-                at = mine[above[0]]
-                verdicts.append(Verdict(rule, state.info, int(batch.positions[at]), float(trace[above[0]]), version))
+                st.fired[rule.index] = True
+                at = idx[starts[k] + above[0]]
+                verdicts.append(Verdict(rule, st.info, int(batch.positions[at]), float(trace[starts[k] + above[0]]), version))
         return verdicts
 
 
-def ema_trace(values: np.ndarray, alpha: float, start: float) -> np.ndarray:
-    """EMA after each value, seeded by `start` (NaN: seeded by the first value).
+CHUNK = 32  # tokens per closed-form step: d^-t stays finite in float64 for alpha <= 0.999
 
-    Vectorised in chunks of 32 with the closed form e_t = d^t (e_0 + sum_s alpha v_s d^-s),
-    d = 1 - alpha, whose d^-t factor stays finite in float64 over a chunk."""
-    out = np.empty_like(values)
-    if values.size == 0:
+
+def segmented_ema(values: np.ndarray, starts: np.ndarray, alpha: float, seeds: np.ndarray) -> np.ndarray:
+    """EMA after each value, restarting at each segment start (one segment per request).
+
+    `seeds[k]` is segment k's EMA before this batch (NaN: seeded by its first value). Within a
+    chunk of CHUNK tokens the closed form e_t = d^t (e_0 + sum_s alpha v_s d^-s), d = 1 - alpha,
+    is vectorised over all segments; the Python loop runs once per chunk, not per token or request.
+    """
+    n = len(values)
+    out = np.empty(n)
+    if n == 0:
         return out
-    first = 0
-    if np.isnan(start):
-        start, out[0], first = values[0], values[0], 1
+    lengths = np.diff(np.r_[starts, n])
+    seg = np.repeat(np.arange(len(starts)), lengths)
+    local = np.arange(n) - np.repeat(starts, lengths)  # index of each token within its segment
+    prev = np.where(np.isnan(seeds), values[starts], seeds)  # a NaN seed: the first value itself
     decay = 1.0 - alpha
-    for lo in range(first, len(values), 32):
-        chunk = values[lo:lo + 32]
+    for c in range(int(lengths.max() + CHUNK - 1) // CHUNK):
+        sel = np.nonzero(local // CHUNK == c)[0]
+        t = (local[sel] % CHUNK + 1).astype(np.float64)
         if decay == 0.0:
-            out[lo:lo + len(chunk)] = chunk
+            out[sel] = values[sel]
         else:
-            t = np.arange(1, len(chunk) + 1)
-            out[lo:lo + len(chunk)] = decay ** t * (start + np.cumsum(alpha * chunk * decay ** -t))
-        start = out[lo + len(chunk) - 1]
+            # one row per segment present in this chunk, so cumulative sums never cross segments
+            rows, row_of = np.unique(seg[sel], return_inverse=True)
+            col = local[sel] % CHUNK
+            terms = np.zeros((len(rows), CHUNK))
+            terms[row_of, col] = alpha * values[sel] * decay ** -(col + 1.0)
+            csum = np.cumsum(terms, axis=1)[row_of, col]
+            out[sel] = decay ** (col + 1.0) * (prev[seg[sel]] + csum)
+        last = np.r_[seg[sel][1:] != seg[sel][:-1], True]
+        prev[seg[sel][last]] = out[sel][last]
     return out
+
+
+def ema_trace(values: np.ndarray, alpha: float, start: float) -> np.ndarray:
+    """One request's EMA trace (see segmented_ema)."""
+    return segmented_ema(values, np.array([0]), alpha, np.array([start], dtype=np.float64))

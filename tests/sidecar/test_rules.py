@@ -9,7 +9,7 @@ from monitor.config import SourceConfig
 from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import compile_rules
 from monitor.evaluate.rules import RulesInvalid, parse_rules
-from monitor.evaluate.state import LayerBatch, RequestInfo, RequestTable, ema_trace
+from monitor.evaluate.state import LayerBatch, RequestInfo, RequestTable, ema_trace, segmented_ema
 from tests.support.dictionaries import PLANTED_FEATURE, planted_direction, write_probe_bank, write_saelens_jumprelu
 
 D = 64
@@ -123,6 +123,22 @@ def test_ema_window_matches_a_sequential_ema():
         expected.append(e)
     np.testing.assert_allclose(ema_trace(values, 0.2, np.nan), expected, rtol=1e-12)
     np.testing.assert_allclose(ema_trace(values[100:], 0.2, expected[99]), expected[100:], rtol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.01, 0.2, 0.9, 0.999, 1.0])
+def test_segmented_ema_restarts_per_request_and_matches_sequential(alpha):
+    rng = np.random.default_rng(1)
+    lengths = [1, 5, 70, 33, 1, 100]
+    values = rng.random(sum(lengths)) * 10
+    starts = np.cumsum([0] + lengths[:-1])
+    seeds = np.array([np.nan, 0.5, np.nan, 0.1, 3.0, np.nan])
+    expected = []
+    for seed, start, n in zip(seeds, starts, lengths):
+        e = seed
+        for v in values[start:start + n]:
+            e = v if np.isnan(e) else (1 - alpha) * e + alpha * v
+            expected.append(e)
+    np.testing.assert_allclose(segmented_ema(values, starts, alpha, seeds), expected, rtol=1e-10, atol=1e-12)
 
 
 def test_request_table_is_bounded():
