@@ -154,3 +154,14 @@ def test_encode_top_matches_dense(gen):
     assert bool((values[:, :-1] >= values[:, 1:]).all())
     with pytest.raises(ValueError):
         sae.encode_top(x, 0)
+
+
+def test_encode_subset_keeps_a_few_gathered_sets(gen):
+    sae = build("jumprelu", gen)
+    x = torch.randn(12, D_IN, generator=gen)
+    dense = sae.encode(x)
+    for k in range(10):
+        feats = [k, k + 10, 3 * k]
+        assert max_abs(sae.encode_subset(x, feats), dense[:, feats]) <= 1e-5
+    assert len(sae._subset_cache) == sae._SUBSET_CACHE
+    assert max_abs(sae.encode_subset(x, 5), dense[:, [5]]) <= 1e-5
