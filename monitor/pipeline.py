@@ -35,7 +35,7 @@ class Pipeline:
         self.tracing = tracing
         self.steering = steering
         self.model_name = model_name
-        self.verdicts_seen = 0
+        self._evicted_exported = 0
 
     def swap_rules(self, rules: CompiledRules) -> None:
         self.rules = rules
@@ -76,7 +76,9 @@ class Pipeline:
         for verdict in verdicts:
             self._act(verdict, batch, stream, send)
         self.metrics.requests_tracked.set(len(self.requests))
-        self.verdicts_seen += len(verdicts)
+        if self.requests.evicted > self._evicted_exported:
+            self.metrics.requests_evicted.labels("table_full").inc(self.requests.evicted - self._evicted_exported)
+            self._evicted_exported = self.requests.evicted
         return verdicts
 
     def _count_tokens(self, layer: int, keep: np.ndarray, generated: np.ndarray) -> None:
