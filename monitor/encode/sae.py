@@ -341,9 +341,9 @@ class SAE:
 
     def _fold_b_dec(self, column: torch.Tensor, bias: torch.Tensor) -> float:
         """bias − b_dec·column in float64, so pre = x·column + result needs no b_dec."""
-        b = bias.double()
+        b = bias.double().cpu()
         if self.apply_b_dec_to_input:
-            b = b - self.b_dec.double() @ column.double()
+            b = b - self.b_dec.double().cpu() @ column.double().cpu()
         return float(b)
 
     def _clamp_params(self, i: int) -> ClampParams:

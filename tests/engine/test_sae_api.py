@@ -165,3 +165,30 @@ def test_encode_subset_keeps_a_few_gathered_sets(gen):
         assert max_abs(sae.encode_subset(x, feats), dense[:, feats]) <= 1e-5
     assert len(sae._subset_cache) == sae._SUBSET_CACHE
     assert max_abs(sae.encode_subset(x, 5), dense[:, [5]]) <= 1e-5
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_half_precision_path_as_on_cuda(monkeypatch, gen, arch):
+    """The CUDA code path (bf16 weights, fp32 thresholds and outputs) run on CPU: dtype
+    promotions hold and results stay within bf16 rounding of the fp32 SAE."""
+    x = torch.randn(40, D_IN, generator=gen)
+    from monitor.encode import sae as sae_module
+
+    monkeypatch.setattr(sae_module, "compute_dtype", lambda device, dtype: torch.bfloat16)
+    half = build(arch, torch.Generator().manual_seed(0))
+    monkeypatch.undo()
+    ref = build(arch, torch.Generator().manual_seed(0))
+    assert half.W_enc.dtype == torch.bfloat16 and ref.W_enc.dtype == torch.float32
+    if arch == "jumprelu":
+        assert half.threshold.dtype == torch.float32
+    f = half.encode(x)
+    assert f.dtype == torch.float32
+    close = (f - ref.encode(x)).abs() <= 0.05
+    assert close.float().mean() > 0.97  # features near a threshold may flip under bf16
+    assert half.decode(f).dtype == torch.float32
+    assert half.clamp(x, 3, 0.0).dtype == torch.float32
+    assert half.watch([1, 2])(x).dtype == torch.float32
+    if arch != "topk":
+        p = half.clamp_params(3)
+        assert p.encoder.dtype == torch.float32 and p.encoder.device.type == "cpu"
+        assert float((p.apply(x, 0.0) - half.clamp(x, 3, 0.0)).abs().max()) <= 0.05
