@@ -84,7 +84,7 @@ class Watch:
     [N, d]×[d, M] product instead of [N, d]×[d, d_sae]. On CUDA the ReLU/JumpReLU case runs as
     one fused Triton kernel (b_dec subtraction, matmul, bias, threshold). A TopK SAE has no
     subset encode: its watch runs the full encode and gathers (``exact_subset`` is False), so
-    the sidecar can still serve it.
+    the sidecar can still serve it. Build watches after ``sae.to(...)``: they hold copies.
     """
 
     def __init__(self, sae: SAE, features: torch.Tensor):
@@ -97,6 +97,7 @@ class Watch:
     def __len__(self) -> int:
         return int(self.features.numel())
 
+    @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         sae = self.sae
         xn, _ = sae._normalise(sae._prepare(x))

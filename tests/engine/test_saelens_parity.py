@@ -214,3 +214,20 @@ def test_pre_6_finetuning_scale_folded_into_decoder(tmp_path, gen):
     f = torch.relu((x - t["b_dec"]) @ t["W_enc"] + t["b_enc"])
     assert max_abs(ours.encode(x), f) <= TOL
     assert max_abs(ours.decode(f), (f * s) @ t["W_dec"] + t["b_dec"]) <= TOL
+
+
+def test_log_threshold_checkpoint(tmp_path, gen):
+    """Older JumpReLU training checkpoints stored log_threshold instead of threshold."""
+    sl = make_saelens("jumprelu", gen)
+    with torch.no_grad():
+        sl.threshold.copy_(torch.rand(D_SAE, generator=gen) * 0.5 + 0.05)
+    sl.save_model(tmp_path)
+    from safetensors.torch import load_file
+
+    t = load_file(tmp_path / "sae_weights.safetensors")
+    t["log_threshold"] = t.pop("threshold").log()
+    save_file(t, str(tmp_path / "sae_weights.safetensors"))
+    ours = load_sae(tmp_path)
+    x = torch.randn(N, D_IN, generator=gen)
+    with torch.no_grad():
+        assert max_abs(ours.encode(x), sl.encode(x)) <= TOL
