@@ -128,3 +128,79 @@ def _expand_slashes(token: str) -> list[str]:
     for suffix in rest:
         out.append(stem + suffix if suffix.startswith("_") else suffix)
     return out
+
+
+class PrometheusProcess:
+    """A real prometheus on 127.0.0.1 scraping the given jobs every second; HTTP API helpers."""
+
+    def __init__(self, binary: str, workdir: Path, jobs: dict[str, tuple[str, dict[str, str]]],
+                 rule_files: list[Path] | None = None) -> None:
+        import yaml
+
+        self.binary, self.dir = binary, workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        config = {
+            "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "900ms"},
+            "rule_files": [str(p) for p in rule_files or []],
+            "scrape_configs": [
+                {"job_name": job, "static_configs": [{"targets": [target], "labels": labels}]}
+                for job, (target, labels) in jobs.items()
+            ],
+        }
+        self.config_path = self.dir / "prometheus.yml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "PrometheusProcess":
+        self.log = open(self.dir / "prometheus.log", "wb")
+        self.proc = subprocess.Popen(
+            [self.binary, f"--config.file={self.config_path}", f"--storage.tsdb.path={self.dir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--enable-feature=exemplar-storage",
+             "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_for(self._ready, timeout=30, interval=0.1, what="prometheus ready")
+        return self
+
+    def _ready(self) -> bool:
+        import urllib.request
+
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"prometheus exited: {(self.dir / 'prometheus.log').read_text()}")
+        try:
+            with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params) -> dict:
+        import json
+        import urllib.parse
+        import urllib.request
+
+        import urllib.error
+
+        data = urllib.parse.urlencode(params, doseq=True).encode()
+        try:
+            with urllib.request.urlopen(self.url + "/api/v1/" + path, data=data, timeout=10) as r:
+                body = json.loads(r.read())
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{path} {params}: HTTP {exc.code}: {exc.read().decode()}") from None
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None:
+            self.log.close()
