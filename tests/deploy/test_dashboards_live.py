@@ -137,7 +137,7 @@ def test_every_dashboard_query_returns_data(tmp_path, redis_server):
         prometheus = PrometheusProcess(prometheus_bin, tmp_path / "prometheus", {
             "featurewatch": (f"127.0.0.1:{config['metrics_port']}", {"instance": INSTANCE}),
             "vllm": (f"127.0.0.1:{vllm_port}", {"instance": INSTANCE}),
-        }).start()
+        }, rule_files=[REPO / "deploy" / "prometheus" / "rules" / "featurewatch.rules.yml"]).start()
         started = time.time()
         # Prometheus syncs its first targets up to 5 s after start: let it scrape the idle state
         # first, so the changes made below are seen as changes.
@@ -230,6 +230,13 @@ def test_every_dashboard_query_returns_data(tmp_path, redis_server):
         exemplars = prometheus.api("query_exemplars", query="featurewatch_alerts_total", start=started, end=end)
         trace_ids = {e["labels"].get("trace_id") for group in exemplars for e in group["exemplars"]}
         assert TRACEPARENT.split("-")[1] in trace_ids
+
+        # The shipped alerting rules work on the real sidecar's series: the generic rule carries the
+        # featurewatch rule's severity and owner (from featurewatch_rule_info) for Alertmanager.
+        firing = prometheus.api("query", query='ALERTS{alertname="FeaturewatchRuleFired", alertstate="firing"}', time=end)
+        routed = {(a["metric"]["rule"], a["metric"]["severity"], a["metric"].get("owner")) for a in firing["result"]}
+        assert ("planted_feature", "critical", "trust-safety") in routed, routed
+        assert ("planted_probe", "warning", "security") in routed, routed
 
         # The events went through the Redis store: alerts and the rule changes are in the stream.
         from monitor.stores.redis import RedisEventStore
