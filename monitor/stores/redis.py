@@ -407,9 +407,13 @@ class RedisRuleStore:
                 try:
                     self._listen(sub_client, backoff)
                 except _CONN_ERRORS as exc:
+                    if self._stop.is_set():
+                        break  # close() shut the connection under us
                     self._error("subscribe", exc)
                     self._stop.wait(backoff.next())
                 except Exception:  # noqa: BLE001 - keep syncing whatever happens
+                    if self._stop.is_set():
+                        break
                     self.errors["subscribe"] += 1
                     log.exception("redis rule sync loop error")
                     self._stop.wait(backoff.next())

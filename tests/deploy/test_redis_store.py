@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import shutil
 import threading
 import time
@@ -375,3 +376,20 @@ def test_open_from_store_config(redis_server):
     finally:
         rules.close()
         events.close()
+
+
+def test_cli_alerts_tail_reads_the_stream(stores, redis_server):
+    from typer.testing import CliRunner
+
+    from monitor.cli import app
+
+    rules, events = stores
+    rules().put(RULES_V1, "alice")
+    sink = events()
+    for i in range(3):
+        sink.append({"kind": "alert", "rule": "a", "severity": "warning", "n": i})
+    assert sink.flush(5)
+    result = CliRunner().invoke(app, ["alerts", "tail", "--redis", redis_server.url, "--last", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.output.splitlines() if line.startswith("{")]
+    assert [e["n"] for e in lines] == [0, 1, 2] and all(e["kind"] == "alert" for e in lines)
