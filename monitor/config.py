@@ -69,6 +69,7 @@ class SidecarConfig(_Strict):
     token_scope: Literal["all", "prompt", "generated"] = "all"
     rules_file: Path | None = None
     rules_poll_interval_s: float = Field(default=1.0, gt=0)
+    store_counters_interval_s: float = Field(default=5.0, gt=0)
     store: StoreConfig = StoreConfig()
     limits: LimitsConfig = LimitsConfig()
     steering: SteeringConfig = SteeringConfig()

@@ -71,6 +71,7 @@ class Sidecar:
         self._servers: list = []
         self._metrics_server = None
         self._rules_mtime: float | None = None
+        self._store_seen: dict = {}
         self.health = health.aio.HealthServicer()
         self.metrics.queue_capacity.labels("encode").set(config.limits.queue_batches)
         self._load_initial_rules()
@@ -113,6 +114,8 @@ class Sidecar:
         self._apply(stored)
 
     def _apply(self, stored: StoredRules) -> bool:
+        if stored.version == self.rules.version and stored.yaml == self.rules.yaml:
+            return True  # already in force (a store may announce the same version more than once)
         try:
             compiled = self.compile(stored.yaml, f"<store v{stored.version}>", stored.version)
         except RulesInvalid as exc:
@@ -139,7 +142,14 @@ class Sidecar:
             self.events.emit("rules", action="rejected", author=f"file:{path}", error=str(exc))
             return False
         if self.rule_store.get().yaml != text:
-            self.publish_rules(text, f"file:{path}")
+            try:
+                self.publish_rules(text, f"file:{path}")
+            except Exception as exc:  # store away (Redis down): keep the rules in force, retry on next change
+                self.metrics.rule_reloads.labels("error").inc()
+                self.metrics.store_errors.labels(type(self.rule_store).__name__, "put").inc()
+                log.error("rules file valid but the rule store refused it, keeping v%d: %s", self.rules.version, exc)
+                self._rules_mtime = None  # try again on the next poll
+                return False
         return True
 
     async def _watch_rules_file(self) -> None:
@@ -250,6 +260,25 @@ class Sidecar:
         elif kind == "stats":
             self.metrics.plugin_stats(stream.engine, item.stats)
 
+    def export_store_counters(self) -> None:
+        """Stores count their own errors and drops (they never raise into the hot path); export the
+        increases as featurewatch_store_errors_total / featurewatch_events_dropped_total."""
+        for store in (self.rule_store, self.event_store):
+            name = getattr(store, "store_name", type(store).__name__)
+            for attr, metric in (("errors", lambda op: self.metrics.store_errors.labels(name, op)),
+                                 ("dropped", lambda reason: self.metrics.events_dropped.labels(f"store_{reason}"))):
+                counts = dict(getattr(store, attr, None) or {})
+                seen = self._store_seen.setdefault((id(store), attr), {})
+                for key, value in counts.items():
+                    if value > seen.get(key, 0):
+                        metric(key).inc(value - seen.get(key, 0))
+                        seen[key] = value
+
+    async def _export_store_counters(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.store_counters_interval_s)
+            self.export_store_counters()
+
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(30)
@@ -285,6 +314,7 @@ class Sidecar:
             self.metrics_port = self._metrics_server.server_port
         self._tasks.append(asyncio.create_task(self._work()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
+        self._tasks.append(asyncio.create_task(self._export_store_counters()))
         if self.config.rules_file is not None:
             self._tasks.append(asyncio.create_task(self._watch_rules_file()))
         log.info("featurewatch sidecar serving: socket=%s grpc_port=%s metrics_port=%s", self.config.socket,

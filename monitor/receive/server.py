@@ -130,7 +130,12 @@ class AdminService(pb_grpc.AdminServicer):
             return pb.PutRulesResponse(ok=False, errors=[pb.RuleError(file=e.file, rule=e.rule, field=e.field, message=e.message) for e in exc.errors])
         version = self.sidecar.rule_store.get().version
         if not request.dry_run:
-            version = await asyncio.to_thread(self.sidecar.publish_rules, request.yaml, request.author or "admin")
+            try:
+                version = await asyncio.to_thread(self.sidecar.publish_rules, request.yaml, request.author or "admin")
+            except Exception as exc:  # the store is away (e.g. Redis down): nothing changed anywhere
+                self.sidecar.metrics.store_errors.labels(type(self.sidecar.rule_store).__name__, "put").inc()
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"rule store unavailable, rules in force unchanged (v{version}): {exc}")
         return pb.PutRulesResponse(ok=True, version=version, rules=len(compiled.rules), policies=len(compiled.policies))
 
     async def SetSteering(self, request, context):
