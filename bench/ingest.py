@@ -131,6 +131,27 @@ def sink_throughput(d: int, x: np.ndarray, seconds: float, n_requests: int, tmp:
     return out
 
 
+def pipeline_only(config: dict, d: int, x: np.ndarray, n_requests: int, batches: int = 200) -> float:
+    """Tokens/s of decode + encode + evaluate + export on one thread, no transport (the ceiling of
+    the sidecar's single pipeline thread)."""
+    import torch
+
+    from monitor.config import SidecarConfig
+    from monitor.receive.batch import decode_batch
+    from monitor.sidecar import Sidecar
+
+    torch.set_num_threads(1)
+    cfg = SidecarConfig.model_validate({**config, "socket": None, "grpc_port": None, "metrics_port": None})
+    sidecar = Sidecar(cfg)
+    msgs = [make_batch(i, x, n_requests, "inproc") for i in range(batches)]
+    start = time.perf_counter()
+    for m in msgs:
+        sidecar.pipeline.process(decode_batch(m.batch, d, {1}, 1 << 30, 1 << 20), None, lambda stream, directive: True)
+    elapsed = time.perf_counter() - start
+    sidecar.events.close()
+    return batches * x.shape[1] / elapsed
+
+
 def metric(text: str, name: str, **labels) -> float:
     total = 0.0
     for line in text.splitlines():
@@ -242,6 +263,7 @@ def main() -> None:
               "metrics_host": "127.0.0.1", "rules_file": str(tmp / "rules.yaml"), "encode_threads": 1,
               "sources": [{"name": "sae", "kind": "sae", "layer": 1, "path": str(sae)},
                           {"name": "probes", "kind": "probes", "layer": 1, "path": str(probes)}]}
+    inproc = pipeline_only(config, args.d, x, args.requests)
     with SidecarProcess(tmp, config) as sc:
         results = {name: sidecar_throughput(sc, address, args.d, x, args.seconds, args.requests)
                    for name, address in (("unix", sc.socket_address), ("tcp", sc.tcp_address))}
@@ -253,6 +275,8 @@ def main() -> None:
         r = results[name]
         print(f"{name:<6} {sink[name] / 1e9:>10.2f} {r['accepted_gbps']:>22.2f} {r['accepted_gbps'] * 1e9 / sink[name]:>6.2f} "
               f"{r['tokens_per_s']:>10.0f} {r['dropped']:>5}/{r['batches']}")
+    print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * 4 / 1e9:.2f} GB/s fp32; "
+          f"the unix-socket sidecar reached {results['unix']['tokens_per_s'] / inproc:.2f} of it")
     print(f"\nlatency at {args.nominal:.0%} of capacity ({lat['offered_tokens_per_s']:.0f} tokens/s, unix socket): "
           f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
           f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
