@@ -20,8 +20,8 @@ v1/worker/gpu_worker.py Worker / cpu_worker.py CPUWorker .compile_or_warm_up_mod
 v1/request.py  Request.from_engine_core_request              (engine core process)
     decide always-on policies from ``extra_args``; salt ``cache_salt`` of steered requests;
     pass API id / traceparent / decision to the worker in ``extra_args["_featurewatch"]``
-v1/core/sched/scheduler.py  Scheduler._free_request          (engine core, when it hosts the worker)
-    remember finish reason and output length for RequestFinish
+v1/core/sched/scheduler.py  Scheduler._free_request / Scheduler.schedule   (engine core)
+    finish reason and output length, handed to the worker on the next SchedulerOutput
 v1/worker/worker_base.py  WorkerBase.featurewatch_status / featurewatch_control  (new methods)
     reached through ``collective_rpc`` by the status routes
 =====================================================================  =================================
@@ -293,23 +293,36 @@ def _wrap_warmup(orig):
     return compile_or_warm_up_model
 
 
+_FINISHED: dict[str, tuple[str, int]] = {}  # engine core: finish reason, output tokens
+
+
 def _wrap_free_request(orig):
     def _free_request(self, request, *args, **kwargs):
-        from monitor.plugin.runtime import FINISHED
-        from monitor.plugin.state import RUNTIME
-
-        if RUNTIME[0] is not None:
-            try:
-                reason = request.get_finished_reason()
-                FINISHED[request.request_id] = ("" if reason is None else str(reason),
-                                                int(request.num_output_tokens))
-                while len(FINISHED) > 65536:
-                    FINISHED.pop(next(iter(FINISHED)))
-            except Exception:  # noqa: BLE001
-                pass
+        try:
+            reason = request.get_finished_reason()
+            _FINISHED[request.request_id] = ("" if reason is None else str(reason),
+                                             int(request.num_output_tokens))
+            while len(_FINISHED) > 65536:
+                _FINISHED.pop(next(iter(_FINISHED)))
+        except Exception:  # noqa: BLE001
+            pass
         return orig(self, request, *args, **kwargs)
 
     return _free_request
+
+
+def _wrap_schedule(orig):
+    def schedule(self, *args, **kwargs):
+        out = orig(self, *args, **kwargs)
+        # The worker learns that a request finished from the next SchedulerOutput; hand it the
+        # reason and output length too (the output is pickled to workers with its __dict__).
+        fin = {rid: _FINISHED.pop(rid) for rid in getattr(out, "finished_req_ids", ())
+               if rid in _FINISHED}
+        if fin:
+            out.featurewatch_finished = fin
+        return out
+
+    return schedule
 
 
 def _patch_worker_side() -> None:
@@ -338,12 +351,6 @@ def _patch_worker_side() -> None:
             _wrap(cls, "compile_or_warm_up_model", _wrap_warmup)
         except Exception:  # noqa: BLE001
             logger.debug("featurewatch: %s.%s not patched", mod, name, exc_info=True)
-    try:
-        from vllm.v1.core.sched.scheduler import Scheduler
-
-        _wrap(Scheduler, "_free_request", _wrap_free_request)
-    except Exception:  # noqa: BLE001
-        logger.debug("featurewatch: scheduler not patched", exc_info=True)
 
 
 # ---------------------------------------------------------------- engine core: request creation
@@ -431,6 +438,13 @@ def patch_engine_core() -> None:
     from vllm.v1.request import Request
 
     _wrap(Request, "from_engine_core_request", _wrap_from_ecr)
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+
+        _wrap(Scheduler, "_free_request", _wrap_free_request)
+        _wrap(Scheduler, "schedule", _wrap_schedule)
+    except Exception:  # noqa: BLE001
+        logger.debug("featurewatch: scheduler not patched", exc_info=True)
 
 
 # ---------------------------------------------------------------- worker RPC methods

@@ -88,10 +88,6 @@ class StepLabels:
         return self._positions
 
 
-# Finish reasons recorded by the scheduler hook when the engine core shares our process.
-FINISHED: dict[str, tuple[str, int]] = {}
-
-
 class Runtime:
     def __init__(self, cfg: PluginConfig, *, vllm_config, model_name: str, d_model: int,
                  num_layers: int, hooked: list[int], tables: ops.SteerTables,
@@ -241,8 +237,9 @@ class Runtime:
                                                        src=0)
         if ops_list:
             self._apply_ops(ops_list)
+        finished = getattr(scheduler_output, "featurewatch_finished", None) or {}
         for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
-            self._finish(rid)
+            self._finish(rid, finished.get(rid))
         for nr in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
             if nr.req_id not in self.requests:
                 self._start(nr)
@@ -284,14 +281,15 @@ class Runtime:
         if self.client is not None:
             self.client.offer(info.start_message())
 
-    def _finish(self, rid: str) -> None:
+    def _finish(self, rid: str, finished: tuple[str, int] | None) -> None:
         info = self.requests.pop(rid, None)
         self._computed.pop(rid, None)
         self.steering.finish_request(rid)
         if info is None:
             return
         self.counters.requests_finished += 1
-        reason, n_out = FINISHED.pop(rid, ("", info.num_output_tokens))
+        # reason and length from the engine core; else the last scheduled count + its sample
+        reason, n_out = finished or ("", info.num_output_tokens + 1)
         if self.client is not None:
             self.client.offer(pb.PluginMessage(request_finish=pb.RequestFinish(
                 request_id=rid, generated_tokens=n_out, finish_reason=reason)))

@@ -16,6 +16,7 @@ The number of dummy runs is fixed whatever happens, so data-parallel ranks stay 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -44,7 +45,12 @@ def _probe_actions(layer: int, d: int) -> tuple:
 
 
 def _dummy(runner, n: int, decode: bool):
-    out = runner._dummy_run(n, uniform_decode=decode)
+    kwargs = {"uniform_decode": decode}
+    # V1 builds attention metadata for dummy runs only when asked (or for FULL graphs); without it
+    # attention outputs are uninitialised memory and two runs are not comparable.
+    if "force_attention" in inspect.signature(runner._dummy_run).parameters:
+        kwargs["force_attention"] = True
+    out = runner._dummy_run(n, **kwargs)
     hidden = out[0] if isinstance(out, tuple) else out
     return None if hidden is None else hidden[:n].detach().float().cpu().clone()
 
