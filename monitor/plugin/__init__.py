@@ -35,6 +35,7 @@ def register() -> None:
     try:
         patches.patch_loaders()
         patches.patch_engine_core()
+        patches.patch_frontend()
     except Exception:  # noqa: BLE001
         logger.exception("featurewatch: patches not installed; serving without the plugin")
 

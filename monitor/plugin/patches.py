@@ -22,6 +22,8 @@ v1/request.py  Request.from_engine_core_request              (engine core proces
     pass API id / traceparent / decision to the worker in ``extra_args["_featurewatch"]``
 v1/core/sched/scheduler.py  Scheduler._free_request / Scheduler.schedule   (engine core)
     finish reason and output length, handed to the worker on the next SchedulerOutput
+v1/engine/async_llm.py  AsyncLLM.add_request                   (API server)
+    keep the request's W3C traceparent (vLLM drops it unless OTLP tracing is on)
 v1/worker/worker_base.py  WorkerBase.featurewatch_status / featurewatch_control  (new methods)
     reached through ``collective_rpc`` by the status routes
 =====================================================================  =================================
@@ -397,10 +399,10 @@ def decide_request(ecr) -> None:
     if sp is None:
         return
     extra = dict(sp.extra_args or {})
-    decision: dict = {}
+    decision: dict = dict(extra.get(PRIVATE_KEY) or {})  # the frontend may have put a traceparent
     ext = getattr(ecr, "external_req_id", None)
     if ext:
-        decision["api_request_id"] = ext
+        decision["external_request_id"] = ext
     th = getattr(ecr, "trace_headers", None) or {}
     if th.get("traceparent"):
         decision["traceparent"] = th["traceparent"]
@@ -429,6 +431,36 @@ def _wrap_from_ecr(orig):
         return orig(cls, request, *args, **kwargs)
 
     return from_engine_core_request
+
+
+def _wrap_add_request(orig):
+    async def add_request(self, request_id, prompt, params, *args, **kwargs):
+        # vLLM drops trace headers unless OTLP tracing is configured; keep the traceparent for
+        # the sidecar (its spans are siblings of vLLM's under the same parent).
+        th = kwargs.get("trace_headers")
+        tp = th.get("traceparent") if th else None
+        if tp and getattr(params, "extra_args", "missing") != "missing" and \
+                type(params).__name__ == "SamplingParams":
+            from monitor.plugin.steering import PRIVATE_KEY
+
+            extra = dict(params.extra_args or {})
+            extra[PRIVATE_KEY] = {**(extra.get(PRIVATE_KEY) or {}), "traceparent": tp}
+            params.extra_args = extra
+        return await orig(self, request_id, prompt, params, *args, **kwargs)
+
+    return add_request
+
+
+def patch_frontend() -> None:
+    if "frontend" in _PATCHED:
+        return
+    _PATCHED.add("frontend")
+    try:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        _wrap(AsyncLLM, "add_request", _wrap_add_request)
+    except Exception:  # noqa: BLE001
+        logger.debug("featurewatch: AsyncLLM not patched", exc_info=True)
 
 
 def patch_engine_core() -> None:

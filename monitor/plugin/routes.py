@@ -13,10 +13,11 @@ Routes (they reach the workers with ``engine_client.collective_rpc``, the sancti
   returns control to the sidecar's plan.
 """
 
-from __future__ import annotations
-
 import logging
 from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
 logger = logging.getLogger("vllm.featurewatch")
 
@@ -29,9 +30,6 @@ class FeaturewatchRoutes:
         self._engine = None
 
     def attach_router(self, app) -> None:
-        from fastapi import APIRouter, Request
-        from fastapi.responses import JSONResponse
-
         router = APIRouter()
         plugin = self
 

@@ -266,7 +266,7 @@ class Runtime:
                 self.counters.salt_missing += 1
         info = RequestInfo(
             req_id=nr.req_id,
-            api_id=decision.get("api_request_id") or api_request_id(nr.req_id),
+            api_id=api_request_id(nr.req_id, decision.get("external_request_id")),
             metadata=metadata,
             traceparent=decision.get("traceparent", ""),
             prompt_len=prompt_len,
@@ -455,8 +455,9 @@ def _graph_mode(vllm_config) -> dict:
     cc = getattr(vllm_config, "compilation_config", None)
     mc = getattr(vllm_config, "model_config", None)
     return {
-        "compilation_mode": str(getattr(cc, "mode", "?")),
-        "cudagraph_mode": str(getattr(cc, "cudagraph_mode", "?")),
+        "compilation_mode": getattr(getattr(cc, "mode", None), "name", str(getattr(cc, "mode", "?"))),
+        "cudagraph_mode": getattr(getattr(cc, "cudagraph_mode", None), "name",
+                                  str(getattr(cc, "cudagraph_mode", "?"))),
         "enforce_eager": bool(getattr(mc, "enforce_eager", False)),
     }
 

@@ -44,12 +44,13 @@ def selector_matches(selector: dict[str, str], metadata: dict[str, str]) -> bool
     return all(metadata.get(k) == v for k, v in selector.items())
 
 
-def api_request_id(internal_id: str) -> str:
-    """vLLM's internal id is the API id plus ``-`` and 8 random hex characters; completions add a
-    ``-<prompt index>`` before that (``cmpl-<X-Request-Id>-0-1a2b3c4d`` → ``cmpl-<X-Request-Id>``)."""
-    base = internal_id
+def api_request_id(internal_id: str, external_id: str | None = None) -> str:
+    """The id the client sees. vLLM's internal id is the external id plus ``-`` and 8 random hex
+    characters; the completions endpoint's external id adds ``-<prompt index>`` to the response
+    id (``cmpl-<X-Request-Id>-0-1a2b3c4d`` → ``cmpl-<X-Request-Id>``)."""
+    base = external_id or internal_id
     head, sep, tail = base.rpartition("-")
-    if sep and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
+    if not external_id and sep and len(tail) == 8 and all(c in "0123456789abcdef" for c in tail):
         base = head
     if base.startswith("cmpl-"):
         head, sep, tail = base.rpartition("-")

@@ -81,7 +81,9 @@ class FakeSidecar(pb_grpc.IngestServicer):
             path = self.address[len("unix://"):]
             if os.path.exists(path):
                 os.unlink(path)
-        server.add_insecure_port(self.address)
+        self.port = server.add_insecure_port(self.address)
+        if not self.address.startswith("unix:") and self.address.endswith(":0"):
+            self.address = self.address[:-1] + str(self.port)  # restart on the same port
         server.start()
         self.server = server
         return self

