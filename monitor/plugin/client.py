@@ -231,7 +231,7 @@ class SidecarClient:
             ("grpc.enable_retries", 0),
         ]
         with grpc.insecure_channel(grpc_target(self.cfg.address or ""), options=options) as ch:
-            grpc.channel_ready_future(ch).result(timeout=2.0)
+            grpc.channel_ready_future(ch).result(timeout=1.0)
             stub = pb_grpc.IngestStub(ch)
             done = threading.Event()
             responses = stub.Stream(self._requests(done))

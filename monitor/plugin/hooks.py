@@ -7,6 +7,7 @@ import logging
 import torch
 from torch import nn
 
+from monitor.plugin import ops
 from monitor.plugin.ops import SteerTables
 
 logger = logging.getLogger("vllm.featurewatch")
@@ -38,40 +39,38 @@ def is_missing_layer(module: nn.Module) -> bool:
 
 class LayerHook:
     """Forward hook of one decoder layer. Python here runs when the layer is called eagerly or
-    traced (Dynamo inlines it); only tensor ops on the fixed buffers reach compiled code/graphs."""
+    traced (Dynamo inlines it); only tensor ops on the fixed buffers reach compiled code/graphs.
+
+    Eager calls with no steered token this step (and no CUDA graph being captured) skip the op:
+    they only copy the residual stream into the tap buffer and leave the output untouched.
+    """
 
     def __init__(self, layer_index: int, slot: int, tables: SteerTables) -> None:
         self.layer_index = layer_index
         self.slot = slot
         self.args = tables.layer_args(slot)
+        self.tap = tables.tap[slot]
+        self.max_tokens = tables.max_tokens
         self.do_tap = tables.do_tap
 
     def __call__(self, module: nn.Module, args, output):
-        op = torch.ops.featurewatch.tap_steer
-        if isinstance(output, tuple) and len(output) == 2 and output[1] is not None:
-            hidden, residual = output  # deferred add: the stream is hidden + residual
-            return hidden, op(hidden, residual, *self.args, self.do_tap)
-        if isinstance(output, torch.Tensor):  # the layer returns the residual stream itself
-            return op(None, output, *self.args, self.do_tap)
-        if isinstance(output, tuple) and len(output) >= 1 and isinstance(output[0], torch.Tensor):
-            if len(output) == 2 and output[1] is None:
-                return op(None, output[0], *self.args, self.do_tap), None
-        return output
-
-
-def install_hooks(
-    model: nn.Module, num_layers: int, layers: list[int], tables: SteerTables
-) -> tuple[str, list[int], list]:
-    """Register hooks on ``layers`` (those this pipeline rank owns). Returns the ModuleList's
-    name, the hooked layers (slot order) and the hook handles."""
-    name, modules = find_decoder_layers(model, num_layers)
-    hooked: list[int] = []
-    handles = []
-    for layer in layers:
-        if is_missing_layer(modules[layer]):
-            continue
-        slot = len(hooked)
-        handles.append(modules[layer].register_forward_hook(LayerHook(layer, slot, tables)))
-        hooked.append(layer)
-    logger.info("featurewatch: hooked %s[%s]", name, ",".join(map(str, hooked)))
-    return name, hooked, handles
+        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
+            hidden, residual = output
+            if residual is None:  # no deferred add: the first element is the stream
+                hidden, residual = None, hidden
+        elif isinstance(output, torch.Tensor):
+            hidden, residual = None, output
+        else:
+            return output
+        if not torch.compiler.is_compiling() and not ops.step_live() and not ops.capturing():
+            if self.do_tap:
+                n = min(residual.shape[0], self.max_tokens)
+                if hidden is None:
+                    self.tap[:n].copy_(residual[:n])
+                else:
+                    torch.add(hidden[:n], residual[:n], out=self.tap[:n])
+            return output
+        new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *self.args, self.do_tap)
+        if isinstance(output, torch.Tensor):
+            return new_res
+        return (new_res, None) if hidden is None else (hidden, new_res)

@@ -35,7 +35,11 @@ def set_step_live(live: bool) -> None:
     _STEP["live"] = bool(live)
 
 
-def _capturing() -> bool:
+def step_live() -> bool:
+    return _STEP["live"]
+
+
+def capturing() -> bool:
     return _CUDA and torch.cuda.is_current_stream_capturing()
 
 
@@ -86,7 +90,7 @@ def tap_steer(
 ) -> torch.Tensor:
     n = min(residual.shape[0], steer_idx.shape[0])
     res = residual[:n]
-    if not _STEP["live"] and not _capturing():
+    if not _STEP["live"] and not capturing():
         new_res = residual.clone()
     else:
         x = res if hidden is None else hidden[:n] + res

@@ -1,0 +1,356 @@
+"""Plugin pieces without an engine: the tap/steer op against an independent reference, the steering
+table, per-request state, policy decisions, ids, config, the sidecar client's queue and reconnects."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.plugin import ops
+from monitor.plugin.client import BatchItem, Counters, SidecarClient
+from monitor.plugin.config import PluginConfig, grpc_target
+from monitor.plugin.hooks import LayerHook
+from monitor.plugin.steering import (
+    PolicyView,
+    SteeringState,
+    SteeringTable,
+    TableFull,
+    api_request_id,
+    flat_metadata,
+    parse_action,
+    view_from_plan,
+)
+from monitor.protocol import pb
+from tests.plugin.fake_sidecar import FakeSidecar, add_action, clamp_action
+from tests.plugin.helpers import RefAdd, RefClamp, apply_actions
+
+D = 16
+
+
+def _vec(seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(D).astype(np.float32)
+    return v / np.linalg.norm(v)
+
+
+def _tables(rows=4, clamps=3, layers=2, max_tokens=32, dtype=torch.float32):
+    return ops.SteerTables(num_layers=layers, d_model=D, rows=rows, clamps=clamps,
+                           max_tokens=max_tokens, device=torch.device("cpu"), dtype=dtype,
+                           do_tap=True)
+
+
+CLAMP = RefClamp(0, _vec(1), _vec(2), bias=0.1, threshold=0.05, value=2.0)
+GATED = RefClamp(0, _vec(3), _vec(4), bias=0.0, threshold=0.0, value=-1.0,
+                 gate_encoder=_vec(5), gate_bias=0.1)
+ADD = RefAdd(0, _vec(6), 1.5)
+OTHER_LAYER = RefAdd(7, _vec(7), 3.0)
+
+
+def _actions(refs):
+    return tuple(parse_action(r.pb(), D) for r in refs)
+
+
+# ---------------------------------------------------------------- the op
+
+
+@pytest.mark.parametrize("live", [True, False])
+def test_tap_steer_matches_reference_and_row0_is_bit_identical(live):
+    t = _tables()
+    table = SteeringTable(t, [0, 7])
+    row = table.acquire(_actions([CLAMP, GATED, ADD, OTHER_LAYER]))
+    assert row != 0
+    torch.manual_seed(0)
+    n = 10
+    hidden, residual = torch.randn(n, D), torch.randn(n, D)
+    idx = torch.tensor([row if i % 2 else 0 for i in range(n)])
+    t.steer_idx[:n] = idx
+    ops.set_step_live(True)
+    out = torch.ops.featurewatch.tap_steer(hidden, residual, *t.layer_args(0), True)
+    x = hidden + residual
+    want = apply_actions(x, [CLAMP, GATED, ADD])
+    steered = idx != 0
+    torch.testing.assert_close(hidden[steered] + out[steered], want[steered], atol=1e-5, rtol=0)
+    assert torch.equal(out[~steered], residual[~steered])  # row 0: the same bits
+    assert torch.equal(t.tap[0, :n], hidden + out)
+    # layer 7 has only the add; its row entry leaves clamps alone
+    out7 = torch.ops.featurewatch.tap_steer(hidden, residual, *t.layer_args(1), True)
+    torch.testing.assert_close(out7[steered], residual[steered] + 3.0 * torch.from_numpy(_vec(7)))
+    if not live:  # no steered token: the fast path copies, the values are the same bits
+        t.steer_idx.zero_()
+        ops.set_step_live(False)
+        fast = torch.ops.featurewatch.tap_steer(hidden, residual, *t.layer_args(0), True)
+        assert torch.equal(fast, residual) and fast.data_ptr() != residual.data_ptr()
+    ops.set_step_live(False)
+
+
+def test_bf16_steering_and_more_tokens_than_buffers():
+    t = _tables(max_tokens=4, dtype=torch.bfloat16)
+    row = SteeringTable(t, [0, 7]).acquire(_actions([ADD]))
+    hidden, residual = torch.randn(6, D, dtype=torch.bfloat16), torch.randn(6, D, dtype=torch.bfloat16)
+    t.steer_idx[:4] = row
+    ops.set_step_live(True)
+    out = torch.ops.featurewatch.tap_steer(hidden, residual, *t.layer_args(0), True)
+    ops.set_step_live(False)
+    assert out.dtype == torch.bfloat16 and out.shape == residual.shape
+    assert torch.equal(out[4:], residual[4:])  # beyond the static buffers: unsteered
+    want = (residual[:4].float() + 1.5 * torch.from_numpy(_vec(6))).to(torch.bfloat16)
+    assert torch.equal(out[:4], want)
+
+
+class _Layer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(D, D)
+
+    def forward(self, x, residual):
+        return self.lin(x), x + residual
+
+
+def test_hook_eager_and_under_torch_compile():
+    torch.manual_seed(1)
+    t = _tables()
+    table = SteeringTable(t, [0, 7])
+    row = table.acquire(_actions([CLAMP, ADD]))
+    layer = _Layer()
+    layer.register_forward_hook(LayerHook(0, 0, t))
+    x, r = torch.randn(5, D), torch.randn(5, D)
+    with torch.no_grad():
+        plain_h, plain_r = layer.lin(x), x + r
+        # eager, nothing steered: output untouched, tap written
+        t.tap.zero_()
+        h, res = layer(x, r)
+        assert torch.equal(res, plain_r) and torch.equal(t.tap[0, :5], plain_h + plain_r)
+        compiled = torch.compile(layer, backend="aot_eager", fullgraph=True, dynamic=True)
+        for live in (False, True):
+            t.steer_idx[:5] = row if live else 0
+            ops.set_step_live(live)
+            t.tap.zero_()
+            h, res = compiled(x, r)
+            want = apply_actions(plain_h + plain_r, [CLAMP, ADD]) if live else plain_h + plain_r
+            torch.testing.assert_close(h + res, want, atol=1e-5, rtol=0)
+            torch.testing.assert_close(t.tap[0, :5], want, atol=1e-5, rtol=0)
+    ops.set_step_live(False)
+
+
+# ---------------------------------------------------------------- table and state
+
+
+def test_table_dedupes_rows_and_clamp_slots_and_reports_full():
+    t = _tables(rows=3, clamps=2)
+    table = SteeringTable(t, [0])
+    a = table.acquire(_actions([CLAMP]))
+    assert table.acquire(_actions([CLAMP])) == a  # same program, same row
+    b = table.acquire(_actions([CLAMP, ADD]))  # shares CLAMP's slot
+    assert b != a and len(table.clamps[0]) == 1
+    with pytest.raises(TableFull):  # rows: 0 is the no-op, 1 and 2 are taken
+        table.acquire(_actions([GATED]))
+    assert table.acquire(_actions([OTHER_LAYER])) == 0  # nothing on a hooked layer: row 0
+    for _ in range(2):
+        table.release(_actions([CLAMP]))
+    table.release(_actions([CLAMP, ADD]))
+    assert table.rows_in_use == 0 and not table.clamps[0]
+    assert not t.row_on.any() and not t.active.any()
+
+
+def _state(rows=8):
+    c = Counters()
+    return SteeringState(SteeringTable(_tables(rows=rows), [0, 7]), D, c), c
+
+
+def _plan(failure_mode="open", enabled=True):
+    return pb.TapPlan(layers=[0], steering_enabled=enabled, steering_failure_mode=failure_mode,
+                      policies=[pb.SteeringPolicy(name="p", selector={"tenant": "acme"},
+                                                  actions=[ADD.pb()])])
+
+
+def _rows(st, rid, positions):
+    qsl = np.array([0, len(positions)])
+    return st.rows_for_step({rid: 0}, qsl, np.array(positions), len(positions))
+
+
+def test_policies_directives_segments_and_cancel():
+    st, c = _state()
+    st.apply_plan(_plan())
+    assert st.start_request("r1", None, None, {"tenant": "acme"}) == ["p"]
+    assert st.start_request("r2", None, None, {"tenant": "other"}) == []
+    policy_row = _rows(st, "r1", [0, 1, 2])[0]
+    assert policy_row != 0 and _rows(st, "r2", [0, 1]) is None
+    d = pb.SteeringDirective(directive_id="d1", request_id="r1", rule="x", from_position=5,
+                             actions=[CLAMP.pb()])
+    assert st.apply_directive(d, {"r1": 1}) is None
+    rows = _rows(st, "r1", [3, 4, 5, 6])
+    assert rows[0] == rows[1] == policy_row and rows[2] == rows[3] != policy_row
+    assert st.apply_directive(pb.SteeringDirective(request_id="r1", rule="x", cancel=True),
+                              {"r1": 1}) is None
+    assert list(_rows(st, "r1", [5, 6])) == [policy_row, policy_row]
+    assert st.apply_directive(pb.SteeringDirective(request_id="zz", actions=[ADD.pb()]), {}) \
+        == "unknown request"
+    bad = pb.SteeringDirective(request_id="r1", actions=[add_action(0, np.ones(3), 1.0)])
+    assert "expected 16" in st.apply_directive(bad, {"r1": 1})
+    st.finish_request("r1")
+    assert st.table.rows_in_use == 0
+
+
+def test_kill_switch_and_failure_modes():
+    st, _ = _state()
+    st.apply_plan(_plan(enabled=False))
+    assert st.start_request("r", None, None, {"tenant": "acme"}) == []  # policies off
+    st.apply_plan(_plan())
+    st.start_request("r", None, None, {"tenant": "acme"})
+    st.local_override = False
+    assert _rows(st, "r", [0]) is None
+    st.local_override = None
+    assert _rows(st, "r", [0]) is not None
+    st.apply_plan(_plan(failure_mode="closed"))
+    st.on_disconnect()
+    assert _rows(st, "r", [0]) is not None  # closed: keep the last state
+    st.apply_plan(_plan(failure_mode="open"))
+    st.on_disconnect()
+    assert _rows(st, "r", [0]) is None and st.table.rows_in_use == 0 and not st.policies
+
+
+def test_upstream_decision_with_stale_hash_is_not_applied():
+    st, c = _state()
+    st.apply_plan(_plan())
+    h = st.policies["p"].hash
+    assert st.start_request("a", ["p"], {"p": h}, {}) == ["p"]
+    assert st.start_request("b", ["p"], {"p": "stale"}, {}) == []
+    assert c.policy_mismatch == 1
+
+
+def test_policy_view_decides_and_round_trips():
+    view = view_from_plan(_plan())
+    names, salt = view.decide({"tenant": "acme", "x": "1"})
+    assert names == ["p"] and len(salt) == 16
+    assert view.decide({"tenant": "no"}) == ([], "")
+    assert PolicyView.from_json(view.to_json()) == view
+    assert view_from_plan(_plan(enabled=False)).decide({"tenant": "acme"}) == ([], "")
+    # a different policy content gives a different salt
+    other = _plan()
+    other.policies[0].actions[0].add.scale = 2.0
+    assert view_from_plan(other).decide({"tenant": "acme"})[1] != salt
+
+
+def test_ids_metadata_and_config():
+    assert api_request_id("chatcmpl-abc-1a2b3c4d") == "chatcmpl-abc"
+    assert api_request_id("cmpl-abc-0-1a2b3c4d") == "cmpl-abc"
+    assert api_request_id("x", "cmpl-req-7-0") == "cmpl-req-7"
+    assert api_request_id("7-deadbeef") == "7" and api_request_id("plain") == "plain"
+    assert flat_metadata({"a": "s", "n": 3, "f": 1.5, "b": True, "l": [1, "x"],
+                          "_featurewatch": {}, "kv_transfer_params": {}}) == \
+        {"a": "s", "n": "3", "f": "1.5", "b": "true", "l": '[1, "x"]'}
+    cfg = PluginConfig(address="x")
+    assert cfg.resolve_layers(8, 1) == list(range(8))
+    assert PluginConfig(address="x", tap_budget_bytes=3).resolve_layers(9, 1) == [0, 4, 8]
+    assert PluginConfig(address="x", tap_budget_bytes=1).resolve_layers(9, 1) == [4]
+    assert PluginConfig(address="x", layers="1,3-5").resolve_layers(8, 1) == [1, 3, 4, 5]
+    assert PluginConfig(address="x", layers="every:3").resolve_layers(8, 1) == [0, 3, 6]
+    with pytest.raises(ValueError):
+        PluginConfig(address="x", layers="9").resolve_layers(8, 1)
+    assert grpc_target("/tmp/s.sock") == "unix:///tmp/s.sock"
+    assert grpc_target("localhost:5") == "localhost:5"
+
+
+def test_clamp_action_parsing():
+    a = parse_action(clamp_action(2, np.ones(D), np.ones(D), value=1.0), D)
+    assert a.layer == 2 and a.gate_encoder is None
+    with pytest.raises(ValueError):
+        parse_action(pb.SteeringAction(layer=1), D)
+    nan = np.ones(D)
+    nan[0] = np.nan
+    with pytest.raises(ValueError):
+        parse_action(add_action(0, nan, 1.0), D)
+
+
+# ---------------------------------------------------------------- the client
+
+
+def _item(n=4, layers=(0, 1)):
+    host = torch.randn(len(layers), n, D)
+    return BatchItem(step=1, layers=list(layers), host=host, event=None,
+                     request_ids=["a", "b"], token_request_index=np.array([0, 0, 1, 1][:n]),
+                     positions=np.arange(n), is_generated=np.zeros(n, bool),
+                     captured_unix_s=time.time())
+
+
+def test_batch_is_split_under_max_batch_bytes():
+    item = _item()
+    msgs = list(item.messages(max_bytes=2 * D * 4 * 2))  # two tokens per message
+    assert len(msgs) == 2
+    assert [list(m.batch.request_ids) for m in msgs] == [["a"], ["b"]]
+    assert all(list(m.batch.token_request_index) == [0, 0] for m in msgs)
+    assert list(msgs[1].batch.positions) == [2, 3]
+
+
+def _client(address, **cfg):
+    counters = Counters()
+    base = dict(address=address, backoff_initial_s=0.05, backoff_max_s=0.2,
+                stats_interval_s=0.2)
+    base.update(cfg)
+    c = SidecarClient(PluginConfig(**base), counters,
+                      hello=lambda: pb.Hello(model_name="m", d_model=D),
+                      on_connect=lambda: [], on_message=lambda m: None,
+                      on_disconnect=lambda: None,
+                      stats=lambda: pb.PluginStats(reconnects=counters.reconnects))
+    return c, counters
+
+
+def test_client_drops_when_full_never_blocks_and_reconnects(tmp_path):
+    address = f"unix://{tmp_path}/s.sock"
+    sidecar = FakeSidecar(address).start()
+    sidecar.slow_s = 0.5  # a stuck sidecar
+    client, counters = _client(address, queue_batches=2)
+    client.start()
+    try:
+        assert sidecar.wait_for(lambda: client.connected, 10)
+        worst = 0.0
+        for _ in range(50):
+            t0 = time.perf_counter()
+            client.offer(_item())
+            worst = max(worst, time.perf_counter() - t0)
+        assert worst < 0.05
+        assert counters.batches_dropped_queue_full >= 40
+        assert counters.batches_enqueued <= 10
+        sidecar.stop()
+        assert sidecar.wait_for(lambda: not client.connected, 10)
+        assert not client.offer(_item()) and counters.batches_dropped_disconnected >= 1
+        sidecar.slow_s = 0.0
+        sidecar.start()
+        assert sidecar.wait_for(lambda: client.connected, 10)
+        assert len(sidecar.hellos) == 2 and counters.reconnects >= 1
+        client.offer(_item())
+        assert sidecar.wait_for(lambda: any(s.reconnects >= 1 for s in sidecar.stats), 5)
+    finally:
+        client.stop()
+        sidecar.stop()
+
+
+def test_client_backs_off_while_the_sidecar_is_down(tmp_path):
+    client, counters = _client(f"unix://{tmp_path}/none.sock", backoff_initial_s=0.05,
+                               backoff_max_s=0.1)
+    client.start()
+    time.sleep(2.6)  # connection attempts time out after 1 s, then 0.05-0.1 s of jittered backoff
+    client.stop()
+    assert not client.connected and 2 <= counters.reconnects <= 4 and client.last_error
+
+
+def test_unset_address_means_loaded_idle():
+    code = (
+        "import os; os.environ.pop('FEATUREWATCH_ADDRESS', None)\n"
+        "import monitor.plugin as p; p.register()\n"
+        "from vllm.model_executor.model_loader.base_loader import BaseModelLoader\n"
+        "from vllm.v1.worker.worker_base import WorkerBase\n"
+        "assert not getattr(BaseModelLoader.load_model, '__featurewatch_wrapped__', False)\n"
+        "import sys; assert 'vllm.v1.worker.gpu_model_runner' not in sys.modules\n"
+        "st = WorkerBase.featurewatch_status(None)\n"
+        "assert st['enabled'] is False and 'loaded-idle' in st['reason'], st\n"
+        "print('ok')\n")
+    env = {k: v for k, v in os.environ.items() if k != "FEATUREWATCH_ADDRESS"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
