@@ -207,13 +207,17 @@ def demo(requests: int = typer.Option(24, help="Eliciting prompts per concept (a
          max_tokens: int = typer.Option(24, help="Tokens generated per request."),
          linger: Optional[float] = typer.Option(None, help="Seconds to keep /metrics up afterwards (default: until Ctrl-C on a terminal, 0 otherwise)."),
          metrics_port: int = typer.Option(9400, help="Sidecar /metrics port (a free one if taken)."),
-         workdir: Optional[Path] = typer.Option(None, help="Keep configs, logs and results here.")) -> None:
+         workdir: Optional[Path] = typer.Option(None, help="Keep configs, logs and results here."),
+         assets: Optional[Path] = typer.Option(None, help="A demo assets dir (default: the shipped one; rebuild with python -m monitor.demo.build).")) -> None:
     """Serve the embedded planted-concept model with vLLM + plugin + sidecar; show alerts and steering."""
     from monitor.demo.run import Options, run_demo
 
     logging.basicConfig(level="WARNING")
-    run_demo(Options(requests_per_concept=requests, neutral_requests=requests, max_tokens=max_tokens, linger_s=linger,
-                     metrics_port=metrics_port, workdir=workdir))
+    options = Options(requests_per_concept=requests, neutral_requests=requests, max_tokens=max_tokens, linger_s=linger,
+                      metrics_port=metrics_port, workdir=workdir)
+    if assets is not None:
+        options.assets = assets
+    run_demo(options)
 
 
 def main() -> None:

@@ -57,6 +57,7 @@ class Options:
     metrics_port: int = 9400
     linger_s: float | None = None  # None: until Ctrl-C on a terminal, 0 otherwise
     workdir: Path | None = None
+    assets: Path = ASSETS
 
 
 @dataclass
@@ -81,7 +82,7 @@ def demo_rules(manifest: dict, steer: str) -> str:
             actions += [{"steer": c} for c in clamps]
         rules.append({"name": f"{concept}_feature", "description": f"best SAE feature for {concept}",
                       "signal": {"source": "demo_sae", "feature": int(best["feature"])},
-                      "above": float(best.get("alert_threshold", 0.0)), "scope": "generated", "severity": "warning",
+                      "above": float(best.get("suggested_above", 0.0)), "scope": "generated", "severity": "warning",
                       "labels": labels, "actions": actions})
         rules.append({"name": f"{concept}_probe", "description": f"linear probe for {concept}",
                       "signal": {"source": "demo_probes", "probe": info["probe"]},
@@ -95,7 +96,8 @@ def demo_rules(manifest: dict, steer: str) -> str:
 class Demo:
     def __init__(self, options: Options) -> None:
         self.o = options
-        self.manifest = json.loads((ASSETS / "manifest.json").read_text())
+        self.assets = Path(options.assets)
+        self.manifest = json.loads((self.assets / "manifest.json").read_text())
         self.work = Path(options.workdir or tempfile.mkdtemp(prefix="featurewatch-demo-"))
         self.work.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_hex(16)
@@ -107,7 +109,7 @@ class Demo:
         self.env = {**os.environ, "FEATUREWATCH_ADMIN_TOKEN": self.token}
         for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME"):
             self.env.setdefault(var, str(self.work / "cache" / var.lower()))
-        self.env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+        self.env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                          "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"})
 
     # ------------------------------------------------------------------ processes
@@ -116,8 +118,8 @@ class Demo:
         config = {
             "model_name": "featurewatch-demo", "socket": str(self.socket), "grpc_port": self.grpc_port,
             "metrics_port": self.metrics_port, "metrics_host": "127.0.0.1",
-            "sources": [{"name": "demo_sae", "kind": "sae", "layer": m["layer"], "path": str(ASSETS / m["sae"]["path"])},
-                        {"name": "demo_probes", "kind": "probes", "layer": m["layer"], "path": str(ASSETS / m["probes"]["path"])}],
+            "sources": [{"name": "demo_sae", "kind": "sae", "layer": m["layer"], "path": str(self.assets / m["sae"]["path"])},
+                        {"name": "demo_probes", "kind": "probes", "layer": m["layer"], "path": str(self.assets / m["probes"]["path"])}],
             "store": {"kind": "memory"}, "encode_threads": 1,
         }
         (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
@@ -130,9 +132,10 @@ class Demo:
         env = {"FEATUREWATCH_ADDRESS": f"unix://{self.socket}", "FEATUREWATCH_LAYERS": str(self.manifest["layer"]),
                "FEATUREWATCH_MODEL_NAME": "featurewatch-demo", "VLLM_PLUGINS": "featurewatch,featurewatch_routes"}
         self.env.update(env)
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ASSETS / self.manifest["model"]["path"]),
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.assets / self.manifest["model"]["path"]),
                "--served-model-name", "featurewatch-demo", "--host", "127.0.0.1", "--port", str(self.http_port),
-               "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16"]
+               "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16",
+               "--kv-cache-memory-bytes", str(256 << 20)]  # a tiny model: don't reserve most of RAM
         self._spawn("vllm", cmd)
         self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.http_port}/health"), "vLLM", 600)
 
