@@ -53,6 +53,7 @@ class Counters:
     requests_started: int = 0
     requests_finished: int = 0
     steps: int = 0
+    host_seconds: float = 0.0  # plugin work on the forward thread (pre/before/after the forward)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

@@ -121,7 +121,7 @@ class Runtime:
         self._staging_events: list = []
         self._staging_i = 0
         self._labels: StepLabels | None = None
-        self._computed: dict[str, int] = {}  # request -> tokens computed so far
+        self._last_labels: StepLabels | None = None
         self._lock = threading.Lock()
         self.client: SidecarClient | None = None
         self._view_file = None
@@ -134,6 +134,7 @@ class Runtime:
 
     def start(self) -> None:
         if self.client is not None:
+            self._publish_view(PolicyView(False, ()))  # replace a stale view of an earlier run
             self.client.start()
 
     # ------------------------------------------------------------ gRPC thread callbacks
@@ -214,8 +215,7 @@ class Runtime:
                 err = self.steering.apply_directive(d, self.requests)
                 if err is None:
                     self.counters.directives_applied += 1
-                    info = self.requests.get(d.request_id)
-                    if info and not d.cancel and self._computed.get(d.request_id, 0) > d.from_position:
+                    if not d.cancel and self._computed(d.request_id) > d.from_position:
                         self.counters.directives_late += 1
                 else:
                     self.counters.directives_rejected += 1
@@ -228,8 +228,23 @@ class Runtime:
             elif kind == "local":
                 self.steering.local_override = None if data == b"" else data == b"1"
 
+    def _computed(self, req_id: str) -> int:
+        """Tokens of ``req_id`` computed by the last step that ran it (0 if unknown)."""
+        lab = self._last_labels
+        if lab is None or req_id not in lab.req_ids:
+            return 0
+        i = lab.req_ids.index(req_id)
+        return int(lab.start_pos[i] + lab.qsl[i + 1] - lab.qsl[i])
+
     def pre_step(self, scheduler_output) -> None:
         """Before the runner updates its state for a step (both runners' ``execute_model``)."""
+        t0 = time.perf_counter()
+        try:
+            self._pre_step(scheduler_output)
+        finally:
+            self.counters.host_seconds += time.perf_counter() - t0
+
+    def _pre_step(self, scheduler_output) -> None:
         ops_list = self._drain_ops() if self.sends else []
         if self.tp_size > 1:
             from vllm.distributed.parallel_state import get_tp_group
@@ -275,7 +290,6 @@ class Runtime:
             policies=names,
         )
         self.requests[nr.req_id] = info
-        self._computed[nr.req_id] = int(nr.num_computed_tokens or 0)
         self.counters.requests_started += 1
         self.counters.cached_prompt_tokens_untapped += info.cached
         if self.client is not None:
@@ -283,7 +297,6 @@ class Runtime:
 
     def _finish(self, rid: str, finished: tuple[str, int] | None) -> None:
         info = self.requests.pop(rid, None)
-        self._computed.pop(rid, None)
         self.steering.finish_request(rid)
         if info is None:
             return
@@ -296,6 +309,13 @@ class Runtime:
 
     def before_forward(self, labels: StepLabels) -> None:
         """Fill ``steer_idx`` for this step's tokens (host work, before the forward)."""
+        t0 = time.perf_counter()
+        try:
+            self._before_forward(labels)
+        finally:
+            self.counters.host_seconds += time.perf_counter() - t0
+
+    def _before_forward(self, labels: StepLabels) -> None:
         self.step += 1
         self.counters.steps += 1
         self._labels = labels
@@ -317,11 +337,7 @@ class Runtime:
                 self.tables.steer_idx[: self._idx_dirty].zero_()
                 self._idx_dirty = 0
             ops.set_step_live(False)
-        # remember how far each request got (for late-directive accounting)
-        if labels.req_ids:
-            ends = labels.start_pos + np.diff(labels.qsl[: len(labels.req_ids) + 1])
-            for rid, e in zip(labels.req_ids, ends.tolist()):
-                self._computed[rid] = e
+        self._last_labels = labels
 
     def _write_idx(self, rows: np.ndarray, span: int) -> None:
         buf = np.zeros(span, dtype=np.int64)
@@ -351,6 +367,13 @@ class Runtime:
         ops.set_step_live(False)
 
     def after_forward(self) -> None:
+        t0 = time.perf_counter()
+        try:
+            self._after_forward()
+        finally:
+            self.counters.host_seconds += time.perf_counter() - t0
+
+    def _after_forward(self) -> None:
         labels, self._labels = self._labels, None
         ops.set_step_live(False)
         if labels is None or self.client is None or not self.plan_slots or not self.tables.do_tap:
@@ -449,6 +472,11 @@ class Runtime:
     def close(self) -> None:
         if self.client is not None:
             self.client.stop()
+        if self._view_file:
+            try:
+                os.unlink(self._view_file)
+            except OSError:
+                pass
 
 
 def _graph_mode(vllm_config) -> dict:

@@ -1,0 +1,245 @@
+"""vLLM serving throughput with the featurewatch plugin off, loaded-idle and monitoring.
+
+Three engines (one subprocess each, engine in-process so an idle engine costs no CPU) serve the
+same offline workload in interleaved rounds (A/B/C, rotating the order every round), so drifts in
+the machine's load hit all three alike:
+
+* ``off``        — the plugin is not loaded (``VLLM_PLUGINS`` allowlists nothing);
+* ``idle``       — the plugin is loaded, ``FEATUREWATCH_ADDRESS`` unset: no hooks;
+* ``monitoring`` — hooks on 4 layers, every token of those 4 layers streamed to a sink gRPC
+  server (in this process) that drains everything it receives.
+
+Prints per-round tokens/s, medians and the ratios to ``off`` (the goal on CPU is >= 97 %).
+
+    python bench/serving_overhead.py                    # defaults: a few minutes on 2 CPU cores
+    python bench/serving_overhead.py --rounds 8 --requests 32 --gen 64 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent import futures
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CONFIGS = ("off", "idle", "monitoring")
+
+
+# ---------------------------------------------------------------- the engine side (subprocess)
+
+
+def engine_main(args) -> None:
+    import numpy as np
+    from vllm import LLM, SamplingParams
+
+    kwargs = dict(dtype=args.dtype, max_model_len=1024, max_num_batched_tokens=2048,
+                  max_num_seqs=args.requests, kv_cache_memory_bytes=512 << 20, seed=0,
+                  enforce_eager=not args.compile)
+    llm = LLM(args.model, **kwargs)
+    sp = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        seed = int(cmd[1])
+        rng = np.random.default_rng(seed)
+        prompts = [{"prompt_token_ids": rng.integers(3, 300, size=args.prompt).tolist()}
+                   for _ in range(args.requests)]
+        t0, c0 = time.perf_counter(), time.process_time()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+        n_all = n_out + args.prompt * args.requests
+        status = {}
+        if args.config == "monitoring":
+            st = llm.collective_rpc("featurewatch_status")[0]
+            status = {k: st["counters"][k] for k in (
+                "batches_sent", "batches_dropped_queue_full", "batches_dropped_disconnected",
+                "tokens_tapped", "host_seconds")}
+            status["connected"] = st["connected"]
+        print("RESULT " + json.dumps({"seconds": dt, "cpu_seconds": dc, "output_tokens": n_out,
+                                      "tokens_per_s": n_all / dt,
+                                      "tokens_per_cpu_s": n_all / dc,
+                                      "status": status}), flush=True)
+
+
+# ---------------------------------------------------------------- the sink sidecar
+
+
+class Sink:
+    def __init__(self, address: str, layers: list[int]) -> None:
+        import grpc
+
+        from monitor.protocol import pb, pb_grpc
+
+        self.received_bytes = 0
+        self.batches = 0
+        sink = self
+
+        class Servicer(pb_grpc.IngestServicer):
+            def Stream(self, request_iterator, context):  # noqa: N802
+                import queue
+
+                out: queue.Queue = queue.Queue()
+
+                def read():
+                    try:
+                        for m in request_iterator:
+                            if m.WhichOneof("kind") == "hello":
+                                out.put(pb.SidecarMessage(plan=pb.TapPlan(
+                                    layers=layers, steering_enabled=True,
+                                    steering_failure_mode="open")))
+                            elif m.WhichOneof("kind") == "batch":
+                                sink.batches += 1
+                                sink.received_bytes += len(m.batch.activations.data)
+                    except grpc.RpcError:
+                        pass
+                    out.put(None)
+
+                threading.Thread(target=read, daemon=True).start()
+                while True:
+                    m = out.get()
+                    if m is None:
+                        return
+                    yield m
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
+            ("grpc.max_receive_message_length", 512 << 20)])
+        pb_grpc.add_IngestServicer_to_server(Servicer(), self.server)
+        self.server.add_insecure_port(address)
+        self.server.start()
+
+
+# ---------------------------------------------------------------- the driver
+
+
+class EngineProc:
+    def __init__(self, config: str, args, env: dict, log_dir: str) -> None:
+        self.config = config
+        cmd = [sys.executable, __file__, "--engine", config, "--model", args.model,
+               "--requests", str(args.requests), "--prompt", str(args.prompt),
+               "--gen", str(args.gen), "--dtype", args.dtype] + (["--compile"] if args.compile else [])
+        self.log = open(os.path.join(log_dir, f"{config}.log"), "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, bufsize=1)
+
+    def wait_ready(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("READY"):
+                return
+        raise RuntimeError(f"engine {self.config} died; see {self.log.name}")
+
+    def run(self, seed: int) -> dict:
+        self.proc.stdin.write(f"run {seed}\n")
+        self.proc.stdin.flush()
+        for line in self.proc.stdout:
+            if line.startswith("RESULT "):
+                return json.loads(line[7:])
+        raise RuntimeError(f"engine {self.config} died; see {self.log.name}")
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.write("quit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(30)
+        except Exception:  # noqa: BLE001
+            self.proc.kill()
+        self.log.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--engine", choices=CONFIGS, help=argparse.SUPPRESS)
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help="model dir (default: build a random Llama)")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--tap-layers", default="0,2,4,6", help="hooked and streamed layers")
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--requests", type=int, default=8)
+    ap.add_argument("--prompt", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=32)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
+    ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each engine")
+    args = ap.parse_args()
+    if args.engine:
+        args.config = args.engine
+        return engine_main(args)
+
+    tmp = tempfile.mkdtemp(prefix="fw_bench_")
+    if args.model is None:
+        from tests.plugin.tiny_model import build_tiny_llama
+
+        args.model = str(build_tiny_llama(
+            os.path.join(tmp, "model"), hidden_size=args.hidden, num_layers=args.layers,
+            num_heads=args.hidden // 64, intermediate_size=3 * args.hidden,
+            max_position_embeddings=1024))
+    layers = [int(x) for x in args.tap_layers.split(",")]
+    sock = f"unix://{tmp}/sink.sock"
+    sink = Sink(sock, layers)
+    base = dict(os.environ)
+    for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME"):
+        base[var] = os.path.join(tmp, var.lower())
+    # One OpenMP thread per engine: on a shared box, OpenMP barriers spin-wait whenever another
+    # process holds a core, which swings throughput 10x between rounds whatever the plugin does.
+    base.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+    base.pop("FEATUREWATCH_ADDRESS", None)
+    envs = {
+        "off": {**base, "VLLM_PLUGINS": ""},
+        "idle": {**base, "VLLM_PLUGINS": "featurewatch"},
+        "monitoring": {**base, "VLLM_PLUGINS": "featurewatch", "FEATUREWATCH_ADDRESS": sock,
+                       "FEATUREWATCH_LAYERS": args.tap_layers, "FEATUREWATCH_RUNTIME_DIR": tmp},
+    }
+    print(f"model {args.model} (hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
+          f"{'compile' if args.compile else 'eager'}); workload {args.requests} requests x "
+          f"({args.prompt} prompt + {args.gen} generated) tokens; monitoring layers {layers}",
+          flush=True)
+    engines = {}
+    try:
+        for c in CONFIGS:  # start one at a time: start-up is CPU-bound
+            engines[c] = EngineProc(c, args, envs[c], tmp)
+            engines[c].wait_ready()
+        for e in engines.values():  # warm-up round, not counted
+            e.run(10_000)
+        results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+        for r in range(args.rounds):
+            order = CONFIGS[r % 3:] + CONFIGS[: r % 3]
+            for c in order:
+                results[c].append(engines[c].run(r))
+            print(f"round {r:2d}: " + "  ".join(
+                f"{c} {results[c][-1]['tokens_per_s']:7.1f} tok/s "
+                f"({results[c][-1]['tokens_per_cpu_s']:7.1f}/cpu-s)" for c in CONFIGS), flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    for key, unit in (("tokens_per_s", "tokens/s (wall)"),
+                      ("tokens_per_cpu_s", "tokens per CPU-second of the engine process")):
+        med = {c: statistics.median(x[key] for x in results[c]) for c in CONFIGS}
+        paired = {c: statistics.median(a[key] / b[key]
+                                       for a, b in zip(results[c], results["off"]))
+                  for c in CONFIGS}
+        print(f"\nmedian {unit}: " + "  ".join(f"{c} {med[c]:.1f}" for c in CONFIGS))
+        for c in ("idle", "monitoring"):
+            print(f"{c:>10} / off: {100 * med[c] / med['off']:6.1f} % of medians, "
+                  f"{100 * paired[c]:6.1f} % median of per-round ratios")
+    last = results["monitoring"][-1]["status"]
+    print(f"monitoring: {last}; sink received {sink.batches} batches, "
+          f"{sink.received_bytes / 2**20:.1f} MiB")
+    sink.server.stop(None)
+
+
+if __name__ == "__main__":
+    main()
