@@ -37,6 +37,16 @@ def is_missing_layer(module: nn.Module) -> bool:
     return type(module).__name__ == "PPMissingLayer"
 
 
+BUFFER_PREFIX = "_featurewatch_"
+
+
+def attach_buffers(module: nn.Module, tables: SteerTables, slot: int) -> None:
+    """Register one layer's views of the tables as non-persistent buffers of the layer, so that
+    compiled graphs (and vLLM's AOT compile cache) reach them by a stable module path."""
+    for name, t in zip(SteerTables.ARG_NAMES, tables.layer_args(slot)):
+        module.register_buffer(BUFFER_PREFIX + name, t, persistent=False)
+
+
 class LayerHook:
     """Forward hook of one decoder layer. Python here runs when the layer is called eagerly or
     traced (Dynamo inlines it); only tensor ops on the fixed buffers reach compiled code/graphs.
@@ -48,8 +58,6 @@ class LayerHook:
     def __init__(self, layer_index: int, slot: int, tables: SteerTables) -> None:
         self.layer_index = layer_index
         self.slot = slot
-        self.args = tables.layer_args(slot)
-        self.tap = tables.tap[slot]
         self.max_tokens = tables.max_tokens
         self.do_tap = tables.do_tap
 
@@ -64,13 +72,15 @@ class LayerHook:
             return output
         if not torch.compiler.is_compiling() and not ops.step_live() and not ops.capturing():
             if self.do_tap:
+                tap = module._featurewatch_tap
                 n = min(residual.shape[0], self.max_tokens)
                 if hidden is None:
-                    self.tap[:n].copy_(residual[:n])
+                    tap[:n].copy_(residual[:n])
                 else:
-                    torch.add(hidden[:n], residual[:n], out=self.tap[:n])
+                    torch.add(hidden[:n], residual[:n], out=tap[:n])
             return output
-        new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *self.args, self.do_tap)
+        bufs = [getattr(module, BUFFER_PREFIX + name) for name in SteerTables.ARG_NAMES]
+        new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *bufs, self.do_tap)
         if isinstance(output, torch.Tensor):
             return new_res
         return (new_res, None) if hidden is None else (hidden, new_res)

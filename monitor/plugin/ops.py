@@ -154,6 +154,9 @@ class SteerTables:
                       self.thr, self.gbias, self.val, self.dec, self.tap)
         )
 
+    ARG_NAMES = ("steer_idx", "row_on", "active", "add", "encg", "bias", "thr", "gbias", "val",
+                 "dec", "tap")
+
     def layer_args(self, slot: int) -> tuple[torch.Tensor, ...]:
         """Fixed-address views of one layer's tables, in ``tap_steer`` argument order."""
         return (

@@ -111,7 +111,12 @@ def _plan_load(vllm_config, model_config):
 
 def _install(model, vllm_config, model_config, plan) -> None:
     from monitor.plugin import ops, state
-    from monitor.plugin.hooks import LayerHook, find_decoder_layers, is_missing_layer
+    from monitor.plugin.hooks import (
+        LayerHook,
+        attach_buffers,
+        find_decoder_layers,
+        is_missing_layer,
+    )
     from monitor.plugin.runtime import Runtime
 
     cfg, num_layers, d_model, dtype, max_tokens, layers = plan
@@ -135,6 +140,7 @@ def _install(model, vllm_config, model_config, plan) -> None:
         num_layers=len(owned), d_model=d_model, rows=cfg.steer_rows, clamps=cfg.steer_clamps,
         max_tokens=max_tokens, device=device, dtype=dtype, do_tap=tp_rank == 0)
     for slot, layer in enumerate(owned):
+        attach_buffers(modules[layer], tables, slot)
         modules[layer].register_forward_hook(LayerHook(layer, slot, tables))
     pc = vllm_config.parallel_config
     served = getattr(model_config, "served_model_name", None)

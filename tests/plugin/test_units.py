@@ -15,7 +15,7 @@ import torch
 from monitor.plugin import ops
 from monitor.plugin.client import BatchItem, Counters, SidecarClient
 from monitor.plugin.config import PluginConfig, grpc_target
-from monitor.plugin.hooks import LayerHook
+from monitor.plugin.hooks import LayerHook, attach_buffers
 from monitor.plugin.steering import (
     PolicyView,
     SteeringState,
@@ -117,6 +117,7 @@ def test_hook_eager_and_under_torch_compile():
     table = SteeringTable(t, [0, 7])
     row = table.acquire(_actions([CLAMP, ADD]))
     layer = _Layer()
+    attach_buffers(layer, t, 0)
     layer.register_forward_hook(LayerHook(0, 0, t))
     x, r = torch.randn(5, D), torch.randn(5, D)
     with torch.no_grad():
