@@ -129,7 +129,9 @@ class EngineProc:
         self.config = config
         cmd = [sys.executable, __file__, "--engine", config, "--model", args.model,
                "--requests", str(args.requests), "--prompt", str(args.prompt),
-               "--gen", str(args.gen), "--dtype", args.dtype] + (["--compile"] if args.compile else [])
+               "--gen", str(args.gen), "--dtype", args.dtype]
+        if args.compile:
+            cmd.append("--compile")
         self.log = open(os.path.join(log_dir, f"{config}.log"), "w")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, bufsize=1)
@@ -229,7 +231,7 @@ def main() -> None:
                       ("tokens_per_cpu_s", "tokens per CPU-second of the engine process")):
         med = {c: statistics.median(x[key] for x in results[c]) for c in CONFIGS}
         paired = {c: statistics.median(a[key] / b[key]
-                                       for a, b in zip(results[c], results["off"]))
+                                       for a, b in zip(results[c], results["off"], strict=True))
                   for c in CONFIGS}
         print(f"\nmedian {unit}: " + "  ".join(f"{c} {med[c]:.1f}" for c in CONFIGS))
         for c in ("idle", "monitoring"):

@@ -139,7 +139,8 @@ class SidecarClient:
     # -- forward-thread side
 
     def has_room(self, nbytes: int = 0) -> bool:
-        return self._batches < self.cfg.queue_batches and self._bytes + nbytes <= self.cfg.queue_bytes
+        return (self._batches < self.cfg.queue_batches
+                and self._bytes + nbytes <= self.cfg.queue_bytes)
 
     def offer(self, item: pb.PluginMessage | BatchItem) -> bool:
         """Enqueue without blocking; drop and count when disconnected or full."""
@@ -193,7 +194,9 @@ class SidecarClient:
             try:
                 self._stream_once()
             except Exception as e:  # noqa: BLE001 - any failure means: reconnect later
-                self.last_error = f"{type(e).__name__}: {getattr(e, 'details', lambda: e)()}"
+                details = e.details() if isinstance(e, grpc.RpcError) and hasattr(e, "details") \
+                    else str(e)
+                self.last_error = f"{type(e).__name__}: {details}"
                 logger.debug("featurewatch: stream ended: %s", self.last_error)
             was_connected = self.connected
             self.connected = False

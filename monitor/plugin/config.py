@@ -34,7 +34,7 @@ def _env_bool(name: str, default: bool) -> bool:
 
 
 def grpc_target(address: str) -> str:
-    """``unix:///path`` and ``host:port`` are both valid gRPC targets; a bare path means a socket."""
+    """``unix:///path`` and ``host:port`` are gRPC targets as they are; a bare path is a socket."""
     address = address.strip()
     if address.startswith("/"):
         return "unix://" + address

@@ -1,4 +1,4 @@
-"""Find a model's decoder layers and install the tap/steer forward hooks (at load, before compile)."""
+"""Find a model's decoder layers; the tap/steer forward hook and its per-layer buffers."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ BUFFER_PREFIX = "_featurewatch_"
 def attach_buffers(module: nn.Module, tables: SteerTables, slot: int) -> None:
     """Register one layer's views of the tables as non-persistent buffers of the layer, so that
     compiled graphs (and vLLM's AOT compile cache) reach them by a stable module path."""
-    for name, t in zip(SteerTables.ARG_NAMES, tables.layer_args(slot)):
+    for name, t in zip(SteerTables.ARG_NAMES, tables.layer_args(slot), strict=True):
         module.register_buffer(BUFFER_PREFIX + name, t, persistent=False)
 
 

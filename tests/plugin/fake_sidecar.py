@@ -153,7 +153,7 @@ class FakeSidecar(pb_grpc.IngestServicer):
                 continue
             ri = list(b.request_ids).index(request_id)
             arr = decode_batch(b)
-            for t, (r, pos) in enumerate(zip(b.token_request_index, b.positions)):
+            for t, (r, pos) in enumerate(zip(b.token_request_index, b.positions, strict=True)):
                 if r != ri:
                     continue
                 for li, layer in enumerate(b.layers):
@@ -168,7 +168,8 @@ class FakeSidecar(pb_grpc.IngestServicer):
             if request_id not in b.request_ids:
                 continue
             ri = list(b.request_ids).index(request_id)
-            for r, pos, g in zip(b.token_request_index, b.positions, b.is_generated):
+            for r, pos, g in zip(b.token_request_index, b.positions, b.is_generated,
+                                 strict=True):
                 if r == ri:
                     out[int(pos)] = bool(g)
         return out

@@ -1,6 +1,7 @@
-"""The OpenAI server path: ``python -m vllm.entrypoints.openai.api_server`` as a subprocess with both
-featurewatch entry points allowlisted, the fake sidecar over TCP. Request ids (``X-Request-Id``),
-``vllm_xargs`` metadata and the W3C traceparent must reach the sidecar; the control routes answer."""
+"""The OpenAI server path: ``python -m vllm.entrypoints.openai.api_server`` as a subprocess with
+both featurewatch entry points allowlisted, the fake sidecar over TCP. Request ids
+(``X-Request-Id``), ``vllm_xargs`` metadata and the W3C traceparent must reach the sidecar; the
+control routes answer."""
 
 from __future__ import annotations
 

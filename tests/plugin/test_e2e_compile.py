@@ -49,7 +49,8 @@ def test_cobatched_unsteered_request_is_bit_identical(eng):
 
     def run(tag, steer_a):
         sp = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
-                             extra_args={"case": f"{tag}A", **({"steer": "policy"} if steer_a else {})}),
+                             extra_args={"case": f"{tag}A",
+                                         **({"steer": "policy"} if steer_a else {})}),
               SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
                              extra_args={"case": f"{tag}B"})]
         outs = eng.llm.generate([{"prompt_token_ids": q, "cache_salt": tag} for q in ps], sp,

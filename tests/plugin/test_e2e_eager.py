@@ -76,7 +76,8 @@ def test_policy_steering_matches_hf(eng, hf):
     for case, actions in (("pol", POLICY_CLAMP_ADD), ("gated", POLICY_GATED)):
         ref_gen, ref_layers = hf.run(p, 8, steer=[(0, actions)])
         rid = eng.sidecar.find_request(case=case)
-        assert eng.sidecar.starts[rid].steering_policy == ("clamp_add" if case == "pol" else "gated")
+        want = "clamp_add" if case == "pol" else "gated"
+        assert eng.sidecar.starts[rid].steering_policy == want
         assert_close_to_hf(eng, rid, ref_layers, len(p) + 7)
         assert out[["pol", "gated"].index(case)] == ref_gen
     assert out[0] != plain  # the policy changes what the model says
@@ -93,7 +94,8 @@ def test_cobatched_unsteered_request_is_bit_identical(eng):
         from vllm import SamplingParams
 
         sp = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
-                             extra_args={"case": f"{tag}A", **({"steer": "policy"} if steer_a else {})}),
+                             extra_args={"case": f"{tag}A",
+                                         **({"steer": "policy"} if steer_a else {})}),
               SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
                              extra_args={"case": f"{tag}B"})]
         # a fresh cache_salt per run: the second run must recompute, not hit the prefix cache

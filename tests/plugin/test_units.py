@@ -1,5 +1,6 @@
-"""Plugin pieces without an engine: the tap/steer op against an independent reference, the steering
-table, per-request state, policy decisions, ids, config, the sidecar client's queue and reconnects."""
+"""Plugin pieces without an engine: the tap/steer op against an independent reference, the
+steering table, per-request state, policy decisions, ids, config, the sidecar client's queue and
+reconnects."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def test_tap_steer_matches_reference_and_row0_is_bit_identical(live):
 def test_bf16_steering_and_more_tokens_than_buffers():
     t = _tables(max_tokens=4, dtype=torch.bfloat16)
     row = SteeringTable(t, [0, 7]).acquire(_actions([ADD]))
-    hidden, residual = torch.randn(6, D, dtype=torch.bfloat16), torch.randn(6, D, dtype=torch.bfloat16)
+    hidden = torch.randn(6, D, dtype=torch.bfloat16)
+    residual = torch.randn(6, D, dtype=torch.bfloat16)
     t.steer_idx[:4] = row
     ops.set_step_live(True)
     out = torch.ops.featurewatch.tap_steer(hidden, residual, *t.layer_args(0), True)
