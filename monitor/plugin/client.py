@@ -48,6 +48,7 @@ class Counters:
     directives_rejected: int = 0
     directives_late: int = 0
     policy_mismatch: int = 0
+    policy_view_missing: int = 0  # engine core had no policy view: no policy applied
     salt_missing: int = 0
     plans_received: int = 0
     requests_started: int = 0

@@ -414,7 +414,11 @@ def decide_request(ecr) -> None:
     if th.get("traceparent"):
         decision["traceparent"] = th["traceparent"]
     view = _policy_view()
-    if view is not None:
+    if view is None:
+        # No policy view in this process: steer no policy rather than steer without a salt.
+        decision["policies"] = []
+        decision["view_missing"] = True
+    else:
         names, salt = view.decide(flat_metadata(extra))
         decision["policies"] = names
         if names:

@@ -273,6 +273,8 @@ class Runtime:
         prompt_len = (len(nr.prompt_token_ids) if nr.prompt_token_ids is not None
                       else (nr.prompt_embeds.shape[0] if nr.prompt_embeds is not None else 0))
         if "policies" in decision:
+            if decision.get("view_missing"):
+                self.counters.policy_view_missing += 1
             names = self.steering.start_request(nr.req_id, decision["policies"],
                                                 decision.get("hashes"), metadata)
         else:
