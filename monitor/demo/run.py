@@ -257,19 +257,22 @@ class Demo:
         return scores
 
     def report_steering(self, phases: dict[str, list[Sent]]) -> dict:
-        table = Table(title="Concept emission in generations from eliciting prompts")
+        """Share of eliciting prompts whose generation mentions the concept, and mentions per
+        generation: steering on fire acts from the token after the first detection, so it shows in
+        the later mentions; suppressing always shows in both."""
+        table = Table(title="Concept emission in generations from eliciting prompts: % with a mention (mentions/request)")
         table.add_column("concept")
         for name in phases:
             table.add_column(name, justify="right")
-        table.add_column("reduction", justify="right")
+        table.add_column("reduction (always)", justify="right")
         rates = {}
         for concept in corpus.CONCEPTS:
             row = []
             for name, sent in phases.items():
-                mine = [s for s in sent if s.concept == concept]
-                rate = sum(bool(corpus.find_mentions(s.text, concept)) for s in mine) / max(1, len(mine))
+                counts = [len(corpus.find_mentions(s.text, concept)) for s in sent if s.concept == concept]
+                rate = sum(c > 0 for c in counts) / max(1, len(counts))
                 rates[(concept, name)] = rate
-                row.append(f"{rate:.0%}")
+                row.append(f"{rate:.0%} ({sum(counts) / max(1, len(counts)):.2f})")
             first, last = rates[(concept, list(phases)[0])], rates[(concept, list(phases)[-1])]
             reduction = (1 - last / first) if first else float("nan")
             table.add_row(concept, *row, f"{reduction:.0%}")
