@@ -1,10 +1,12 @@
 """vLLM serving throughput with the featurewatch plugin off, loaded-idle and monitoring.
 
-Three engines (one subprocess each, engine in-process so an idle engine costs no CPU) serve the
-same offline workload in interleaved rounds (A/B/C, rotating the order every round), so drifts in
-the machine's load hit all three alike:
+Engines for three configurations (``--replicas`` subprocesses each, engine in-process so an idle
+engine costs no CPU, all pinned to the same core) serve the same offline workload in interleaved
+rounds (rotating the order every round), so drifts in the machine's load hit all alike; a round's
+figure for a configuration is the mean over its replicas, because two identical engine processes
+already differ by a few percent:
 
-* ``off``        — the plugin is not loaded (``VLLM_PLUGINS`` allowlists nothing);
+* ``off``        — the plugin is not loaded (``VLLM_PLUGINS`` allowlists every other plugin);
 * ``idle``       — the plugin is loaded, ``FEATUREWATCH_ADDRESS`` unset: no hooks;
 * ``monitoring`` — hooks on 4 layers, every token of those 4 layers streamed to a sink gRPC
   server (in this process) that drains everything it receives.
@@ -39,11 +41,14 @@ CONFIGS = ("off", "idle", "monitoring")
 
 
 def engine_main(args) -> None:
+    cpus = os.environ.get("FEATUREWATCH_BENCH_CPUS")
+    if cpus:
+        os.sched_setaffinity(0, {int(c) for c in cpus.split(",")})
     import numpy as np
     from vllm import LLM, SamplingParams
 
     kwargs = dict(dtype=args.dtype, max_model_len=1024, max_num_batched_tokens=2048,
-                  max_num_seqs=args.requests, kv_cache_memory_bytes=512 << 20, seed=0,
+                  max_num_seqs=args.requests, kv_cache_memory_bytes=128 << 20, seed=0,
                   enforce_eager=not args.compile)
     llm = LLM(args.model, **kwargs)
     sp = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
@@ -125,14 +130,14 @@ class Sink:
 
 
 class EngineProc:
-    def __init__(self, config: str, args, env: dict, log_dir: str) -> None:
+    def __init__(self, config: str, replica: int, args, env: dict, log_dir: str) -> None:
         self.config = config
         cmd = [sys.executable, __file__, "--engine", config, "--model", args.model,
                "--requests", str(args.requests), "--prompt", str(args.prompt),
                "--gen", str(args.gen), "--dtype", args.dtype]
         if args.compile:
             cmd.append("--compile")
-        self.log = open(os.path.join(log_dir, f"{config}.log"), "w")
+        self.log = open(os.path.join(log_dir, f"{config}-{replica}.log"), "w")
         self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.log, text=True, bufsize=1)
 
@@ -175,6 +180,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each engine")
+    ap.add_argument("--replicas", type=int, default=2, help="engine processes per configuration")
     args = ap.parse_args()
     if args.engine:
         args.config = args.engine
@@ -196,31 +202,49 @@ def main() -> None:
         base[var] = os.path.join(tmp, var.lower())
     # One OpenMP thread per engine: on a shared box, OpenMP barriers spin-wait whenever another
     # process holds a core, which swings throughput 10x between rounds whatever the plugin does.
+    # All engines on the same core(s): they take turns, and no engine gets a quieter core.
+    cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
     base.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
-                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads))
+                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
+                VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cpus)),
+                FEATUREWATCH_BENCH_CPUS=",".join(map(str, cpus)))
     base.pop("FEATUREWATCH_ADDRESS", None)
+    # "off" allowlists every general plugin but ours, so only featurewatch differs between configs
+    from importlib.metadata import entry_points
+
+    others = [e.name for e in entry_points(group="vllm.general_plugins")
+              if e.name != "featurewatch"]
+    base.pop("VLLM_PLUGINS", None)
     envs = {
-        "off": {**base, "VLLM_PLUGINS": ""},
-        "idle": {**base, "VLLM_PLUGINS": "featurewatch"},
-        "monitoring": {**base, "VLLM_PLUGINS": "featurewatch", "FEATUREWATCH_ADDRESS": sock,
+        "off": {**base, "VLLM_PLUGINS": ",".join(others) or "none"},
+        "idle": {**base},
+        "monitoring": {**base, "FEATUREWATCH_ADDRESS": sock,
                        "FEATUREWATCH_LAYERS": args.tap_layers, "FEATUREWATCH_RUNTIME_DIR": tmp},
     }
     print(f"model {args.model} (hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
           f"{'compile' if args.compile else 'eager'}); workload {args.requests} requests x "
           f"({args.prompt} prompt + {args.gen} generated) tokens; monitoring layers {layers}",
           flush=True)
-    engines = {}
+    engines: dict[tuple[str, int], EngineProc] = {}
     try:
-        for c in CONFIGS:  # start one at a time: start-up is CPU-bound
-            engines[c] = EngineProc(c, args, envs[c], tmp)
-            engines[c].wait_ready()
+        for rep in range(args.replicas):
+            for c in CONFIGS:  # start one at a time: start-up is CPU-bound
+                engines[c, rep] = EngineProc(c, rep, args, envs[c], tmp)
+                engines[c, rep].wait_ready()
         for e in engines.values():  # warm-up round, not counted
             e.run(10_000)
+        # per round and config: the mean over replicas (processes differ by a few % on their own)
         results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+        keys = list(engines)
         for r in range(args.rounds):
-            order = CONFIGS[r % 3:] + CONFIGS[: r % 3]
-            for c in order:
-                results[c].append(engines[c].run(r))
+            shift = r % len(keys)
+            got: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+            for key in keys[shift:] + keys[:shift]:
+                got[key[0]].append(engines[key].run(r))
+            for c in CONFIGS:
+                results[c].append({
+                    k: statistics.fmean(x[k] for x in got[c])
+                    for k in ("tokens_per_s", "tokens_per_cpu_s")} | {"status": got[c][-1]["status"]})
             print(f"round {r:2d}: " + "  ".join(
                 f"{c} {results[c][-1]['tokens_per_s']:7.1f} tok/s "
                 f"({results[c][-1]['tokens_per_cpu_s']:7.1f}/cpu-s)" for c in CONFIGS), flush=True)

@@ -60,6 +60,7 @@ class LayerHook:
         self.slot = slot
         self.max_tokens = tables.max_tokens
         self.do_tap = tables.do_tap
+        self.tap = tables.tap[slot]  # eager path only; traced code reads the module's buffers
 
     def __call__(self, module: nn.Module, args, output):
         if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
@@ -70,14 +71,17 @@ class LayerHook:
             hidden, residual = None, output
         else:
             return output
-        if not torch.compiler.is_compiling() and not ops.step_live() and not ops.capturing():
+        if not (torch.compiler.is_compiling() or ops._STEP["live"] or ops.capturing()):
             if self.do_tap:
-                tap = module._featurewatch_tap
-                n = min(residual.shape[0], self.max_tokens)
+                n = residual.shape[0]
+                if n > self.max_tokens:
+                    n = self.max_tokens
+                    residual = residual[:n]
+                    hidden = None if hidden is None else hidden[:n]
                 if hidden is None:
-                    tap[:n].copy_(residual[:n])
+                    self.tap[:n].copy_(residual)
                 else:
-                    torch.add(hidden[:n], residual[:n], out=tap[:n])
+                    torch.add(hidden, residual, out=self.tap[:n])
             return output
         bufs = [getattr(module, BUFFER_PREFIX + name) for name in SteerTables.ARG_NAMES]
         new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *bufs, self.do_tap)
