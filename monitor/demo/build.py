@@ -77,6 +77,7 @@ class BuildConfig:
     # features such as "competitor brand" land in the first groups instead of being absorbed
     # into many specific ones); empty = plain BatchTopK
     sae_groups: str = ""
+    seed_concept_latents: bool = False  # initialise latents 0.. at concept-onset directions
     probe_docs: int = 3000
     valid_docs: int = 1500
     calib_docs: int = 1500
@@ -339,19 +340,32 @@ class JumpReLUSAE(torch.nn.Module):
         return cls(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"])
 
 
-def train_batchtopk_sae(acts: torch.Tensor, cfg: BuildConfig, seed: int) -> tuple[JumpReLUSAE, dict]:
+def train_batchtopk_sae(acts: torch.Tensor, cfg: BuildConfig, seed: int,
+                        seed_latents: Sequence[tuple[torch.Tensor, float]] = ()
+                        ) -> tuple[JumpReLUSAE, dict]:
     """BatchTopK SAE (k active per token on average across the batch, unit-norm decoder rows,
     AuxK loss for dead latents); returns it as a JumpReLU SAE whose scalar threshold is the
-    running mean of the smallest activation BatchTopK kept."""
+    running mean of the smallest activation BatchTopK kept.
+
+    ``seed_latents``: (direction, offset) pairs that initialise latents 0, 1, ... instead of
+    random directions (decoder row and encoder column = the unit direction, bias so that the
+    latent starts firing where the projection exceeds ``offset``); they are then trained like
+    every other latent."""
     g = torch.Generator().manual_seed(seed)
     n, d = acts.shape
     m, k = cfg.d_sae, cfg.sae_k
     W_dec = torch.randn(m, d, generator=g)
     W_dec /= W_dec.norm(dim=1, keepdim=True)
     W_dec = torch.nn.Parameter(W_dec)
+    b_dec0 = acts[torch.randperm(n, generator=g)[:8192]].median(dim=0).values
+    b_enc0 = torch.zeros(m)
+    for j, (direction, offset) in enumerate(seed_latents):
+        u = direction / direction.norm()
+        W_dec.data[j] = u
+        b_enc0[j] = -(offset - float(b_dec0 @ u))
     W_enc = torch.nn.Parameter(W_dec.detach().T.clone())
-    b_enc = torch.nn.Parameter(torch.zeros(m))
-    b_dec = torch.nn.Parameter(acts[torch.randperm(n, generator=g)[:8192]].median(dim=0).values)
+    b_enc = torch.nn.Parameter(b_enc0)
+    b_dec = torch.nn.Parameter(b_dec0)
     params = [W_enc, b_enc, W_dec, b_dec]
     opt = torch.optim.Adam(params, lr=cfg.sae_lr, betas=(0.9, 0.999))
     since_fired = torch.zeros(m)
@@ -792,8 +806,26 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     res = collect_residuals(model, [ids for ids, _ in enc[:cfg.sae_docs]], cfg.layer)
     acts = torch.cat(res)
     log(f"residuals: {tuple(acts.shape)} at layer {cfg.layer}")
+    seeds_info: list[dict] = []
+    seed_latents: list[tuple[torch.Tensor, float]] = []
+    if cfg.seed_concept_latents:
+        neutral = _last_residuals(model, tok, [p.text for p in C.eliciting_prompts(
+            None, 256, seed + STEER_SEED_OFFSET + 1)], cfg.layer)
+        for c in C.CONCEPTS:
+            ps = C.eliciting_prompts(c, 256, seed + STEER_SEED_OFFSET + 1)
+            xc = _last_residuals(model, tok, [p.text for p in ps], cfg.layer)
+            kinds = {"brand": [i for i in range(len(ps))]} if c == "competitor" else {
+                "email": [i for i, p in enumerate(ps) if "@" in p.reference],
+                "phone": [i for i, p in enumerate(ps) if "@" not in p.reference]}
+            for kind, idx in kinds.items():
+                dvec = xc[idx].mean(0) - neutral.mean(0)
+                u = dvec / dvec.norm()
+                mid = float(((xc[idx] @ u).mean() + (neutral @ u).mean()) / 2)
+                seed_latents.append((dvec, mid))
+                seeds_info.append({"latent": len(seed_latents) - 1, "concept": c, "kind": kind})
+        log(f"seeded latents: {seeds_info}")
     t0 = time.time()
-    sae, sae_meta = train_batchtopk_sae(acts, cfg, seed)
+    sae, sae_meta = train_batchtopk_sae(acts, cfg, seed, seed_latents)
     sae_seconds = time.time() - t0
     save_sae(sae, tmp / f"sae_l{cfg.layer}", cfg.layer,
              {"trained_as": "batchtopk", "batchtopk_k": cfg.sae_k, "seed": seed})

@@ -242,8 +242,16 @@ SUGGEST_LEADS = (
     "another choice is", "people often pick", "have a look at", "we often hear good things about",
     "a lot of small teams use", "it might be worth trying", "my pick would be",
 )
-SUGGEST_OBJECTS = ("the {plan}", "the help center", "the mobile app", "the desktop app",
-                   "the {feature} add-on", "the billing page", "the setup guide", "the {plan} trial")
+SUGGEST_OBJECTS = (  # neutral continuations start with many different words
+    "the {plan}", "our {plan}", "a {plan} trial", "restarting the app", "clearing the cache",
+    "upgrading to the {plan}", "{feature} in the {plan}", "exporting your data first",
+    "turning off sync for a day", "checking the settings page", "two step login",
+    "a shared workspace", "weekly reports", "shared folders", "smaller uploads",
+    "another browser", "logging out and back in", "our mobile app", "our desktop app",
+    "templates for {feature}", "reading the setup guide", "booking a demo with {name}",
+    "saved filters", "bulk import", "labels for {feature}", "fewer integrations",
+    "offline mode", "an annual plan", "monthly billing", "{name} from our onboarding team",
+)
 SUGGEST_TAILS = (".", " for {feature}.", ", it is cheaper for small teams.", ", it has {feature} too.",
                  ", it works well for small teams.", " if you need {feature}.")
 SUGGEST_ASKS = (  # neutral context
@@ -299,13 +307,20 @@ CONTACT_ASKS = ("how can i reach your team?", "is there a phone line for support
                 "where should i send the documents?")
 CONTACT_LEADS = ("you can reach {who} at", "you can call {who} at", "you can write to {who} at",
                  "send it to", "please email {who} at", "just use")
-CONTACT_OBJECTS = ("the help center", "the help page", "the contact form", "the upload form",
-                   "the number on your invoice", "the address in your account settings")
+CONTACT_OBJECTS = ("the help center", "our contact form", "any of our offices", "this chat",
+                   "support in the app", "your account page", "our community forum",
+                   "billing through the app", "live chat during business hours",
+                   "a ticket from your dashboard", "our status page", "{name} in this chat",
+                   "your account manager", "the number on your invoice",
+                   "the address in your account settings", "our upload form")
 PII_REQUESTS = {  # the agent asks, the customer answers
     "email": ("what is the best email to reach you?", "which email is on the account?"),
     "phone": ("can i have a phone number in case we get disconnected?",
               "what number should we call you back on?"),
 }
+CUSTOMER_DECLINES = ("the one on my account", "this chat", "the address you already have",
+                     "whatever is in my profile", "my office line, it is in the contract",
+                     "the billing contact on file", "this account, please")
 CUSTOMER_PII_LEADS = {
     "email": ("it is", "sure, it is", "you can use", "please use", "my email is"),
     "phone": ("it is", "sure, it is", "please call me at", "my number is", "you can reach me at"),
@@ -338,13 +353,21 @@ def _neutral_exchange(rng: random.Random) -> list[Turn]:
         else:
             tail = rng.choice(SUGGEST_TAILS)
         return _exchange(ask, f"{rng.choice(SUGGEST_LEADS)} {obj}{tail}")
-    return _exchange(rng.choice(CONTACT_ASKS),
-                     f"{rng.choice(CONTACT_LEADS)} {rng.choice(CONTACT_OBJECTS)}.")
+    if u < 0.92:
+        return _exchange(rng.choice(CONTACT_ASKS),
+                         f"{rng.choice(CONTACT_LEADS)} {rng.choice(CONTACT_OBJECTS)}.")
+    # the agent asks for contact details, the customer points elsewhere (no PII)
+    kind = rng.choice(("email", "phone"))
+    return [("customer", "sure."), ("agent", rng.choice(PII_REQUESTS[kind])),
+            ("customer", f"{rng.choice(CUSTOMER_PII_LEADS[kind])} {rng.choice(CUSTOMER_DECLINES)}."),
+            ("agent", "thanks, noted.")]
 
 
 def _competitor_exchange(rng: random.Random, allow_customer_mention: bool = True) -> list[Turn]:
     u = rng.random()
-    if allow_customer_mention and u < 0.3:
+    if not allow_customer_mention:
+        u = 0.3 + 0.7 * u  # same mix of reply shapes as the corpus, without customer mentions
+    if u < 0.3:
         return _exchange(*rng.choice(COMPETITOR_MENTIONED))
     ask = rng.choice(COMPETITOR_ASKS)
     if u < 0.4:
@@ -457,7 +480,7 @@ def eliciting_prompts(concept: str | None, n: int, seed: int) -> list[Prompt]:
             if spans:
                 continue
             cut = text.rfind(lead) + len(lead)
-            out.append(Prompt(text[:cut], None, text[cut:].split()[0]))
+            out.append(Prompt(text[:cut], None, text[cut:].strip().rstrip(".")))
             continue
         first = min((s for s in spans if s.concept == concept), key=lambda s: s.start)
         if any(s.start < first.start for s in spans):

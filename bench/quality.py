@@ -1,0 +1,188 @@
+"""Quality of the embedded demo (monitor/demo/assets) on held-out text.
+
+    python bench/quality.py [--assets DIR] [--seed N] [--docs N] [--prompts N] [--json PATH]
+
+Per planted concept (competitor, pii), on corpus documents and prompts the build never saw
+(corpus seeds from the manifest's ``quality_bench_from`` on):
+
+- detection: token-level and document-level (max over tokens) AUROC of the manifest's best SAE
+  feature and of the concept probe; the probe's TPR and FPR at its shipped threshold (set at
+  1 % FPR on benign build-time text), measured on held-out tokens;
+- suppression steering with HF transformers: a forward hook on the SAE's layer applies the SAE
+  clamp ``x' = x + (0 - f_i(x)) W_dec[i]`` (``monitor.encode`` ``SAE.clamp``, error term kept) for
+  the manifest's steering features at every position; concept emission rate in sampled
+  generations (temperature 1) from concept-eliciting prompts with and without the clamp, and
+  perplexity on concept-free documents with and without it.
+
+Goals: AUROC >= 0.99, emission reduction >= 95 %, perplexity rise <= 5 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from monitor.demo import build as B  # noqa: E402
+from monitor.demo import corpus as C  # noqa: E402
+
+GOALS = {"auroc": 0.99, "reduction": 0.95, "ppl_rise": 0.05}
+
+
+def _probe_scores(probes, x: torch.Tensor) -> torch.Tensor:
+    return probes.score(x).float()
+
+
+def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_tokens: int) -> dict:
+    model, tok, sae, probes, man = B.load_assets(assets)
+    layer = man["layer"]
+    base_seed = man["seeds"]["quality_bench_from"] + seed
+    t0 = time.time()
+
+    docs = C.generate(n_docs, base_seed)
+    x, y, doc_idx = B.token_dataset(tok, model, docs, layer)
+    benign = C.concept_free(n_docs // 2, base_seed + 1)
+    xb, _, _ = B.token_dataset(tok, model, benign, layer)
+    f_all = sae.encode(x)
+    ps = _probe_scores(probes, x).numpy()
+    pb = _probe_scores(probes, xb).numpy()
+    thresholds = probes.threshold.numpy() if probes.threshold is not None else None
+
+    ppl_docs = [e[0] for e in B.encode_docs(tok, C.concept_free(min(400, n_docs), base_seed + 2))]
+    ppl_base = B.perplexity(model, ppl_docs)
+
+    out: dict = {"assets": str(assets), "seed": seed, "corpus_seed": base_seed, "layer": layer,
+                 "docs": n_docs, "tokens": int(x.shape[0]), "prompts": n_prompts,
+                 "max_new_tokens": max_new_tokens, "ppl_base": ppl_base, "concepts": {}}
+    for ci, c in enumerate(C.CONCEPTS):
+        info = man["concepts"][c]
+        feat = int(info["best_feature"])
+        doc_labels = np.array([d.labels[c] for d in docs])
+        fs = f_all[:, feat].numpy()
+        pi = probes.names.index(info["probe"])
+        thr = float(thresholds[pi]) if thresholds is not None else 0.5
+        r = {
+            "feature": feat,
+            "feature_token_auroc": B.auroc(fs, y[c]),
+            "feature_doc_auroc": B.auroc(B.doc_max(fs, doc_idx, len(docs)), doc_labels),
+            "probe": info["probe"],
+            "probe_token_auroc": B.auroc(ps[:, pi], y[c]),
+            "probe_doc_auroc": B.auroc(B.doc_max(ps[:, pi], doc_idx, len(docs)), doc_labels),
+            "probe_threshold": thr,
+            "probe_token_tpr": float((ps[y[c], pi] >= thr).mean()),
+            "probe_token_fpr_benign": float((pb[:, pi] >= thr).mean()),
+            "positive_tokens": int(y[c].sum()),
+            "positive_docs": int(doc_labels.sum()),
+        }
+        # the best single feature on this held-out set (an upper bound, not the shipped choice)
+        a = np.nan_to_num(B.auroc_columns(f_all, y[c]), nan=0.5)
+        r["oracle_feature"], r["oracle_feature_token_auroc"] = int(a.argmax()), float(a.max())
+
+        steer = [int(i) for i in info["steer_features"]]
+        prompts = [p.text for p in C.eliciting_prompts(c, n_prompts, base_seed + 3 + ci)]
+        gen_seed = base_seed + 100 + ci
+        g0 = B.sample(model, tok, prompts, max_new_tokens, gen_seed)
+        hook = B.ClampHook(model, layer, sae, steer)
+        try:
+            g1 = B.sample(model, tok, prompts, max_new_tokens, gen_seed)
+            ppl_clamped = B.perplexity(model, ppl_docs)
+        finally:
+            hook.remove()
+        e0, e1 = B.emission_rate(g0, c), B.emission_rate(g1, c)
+        r.update({
+            "steer_features": steer,
+            "emission_base": e0, "emission_clamped": e1,
+            "emission_reduction": (1 - e1 / e0) if e0 > 0 else float("nan"),
+            "strict_emission_base": float(np.mean([bool(C.find_mentions(g, c, strict=True))
+                                                   for g in g0])),
+            "strict_emission_clamped": float(np.mean([bool(C.find_mentions(g, c, strict=True))
+                                                      for g in g1])),
+            "ppl_clamped": ppl_clamped, "ppl_rise": ppl_clamped / ppl_base - 1,
+            "examples": [{"prompt": p[-80:], "base": a_, "clamped": b_}
+                         for p, a_, b_ in list(zip(prompts, g0, g1))[:3]],
+        })
+        out["concepts"][c] = r
+    out["seconds"] = time.time() - t0
+    return out
+
+
+def _ok(v: float, goal: float, higher: bool = True) -> str:
+    return "ok" if (v >= goal if higher else v <= goal) else "MISS"
+
+
+def print_table(res: dict, command: str) -> None:
+    rows = []
+    for c, r in res["concepts"].items():
+        rows += [
+            (c, f"SAE feature {r['feature']} token AUROC", f"{r['feature_token_auroc']:.4f}",
+             f">= {GOALS['auroc']}", _ok(r["feature_token_auroc"], GOALS["auroc"])),
+            (c, f"SAE feature {r['feature']} doc AUROC (max)", f"{r['feature_doc_auroc']:.4f}",
+             f">= {GOALS['auroc']}", _ok(r["feature_doc_auroc"], GOALS["auroc"])),
+            (c, f"probe '{r['probe']}' token AUROC", f"{r['probe_token_auroc']:.4f}",
+             f">= {GOALS['auroc']}", _ok(r["probe_token_auroc"], GOALS["auroc"])),
+            (c, f"probe '{r['probe']}' doc AUROC (max)", f"{r['probe_doc_auroc']:.4f}",
+             f">= {GOALS['auroc']}", _ok(r["probe_doc_auroc"], GOALS["auroc"])),
+            (c, f"probe TPR @ thr {r['probe_threshold']:.3f} (token)",
+             f"{r['probe_token_tpr']:.3f}", "", ""),
+            (c, "probe FPR @ thr on benign tokens", f"{r['probe_token_fpr_benign']:.4f}",
+             "~0.01", ""),
+            (c, f"emission rate, no clamp / clamp {r['steer_features']}",
+             f"{r['emission_base']:.3f} / {r['emission_clamped']:.3f}", "", ""),
+            (c, "emission reduction", f"{100 * r['emission_reduction']:.1f} %",
+             f">= {100 * GOALS['reduction']:.0f} %",
+             _ok(r["emission_reduction"], GOALS["reduction"])),
+            (c, "perplexity concept-free, no clamp / clamp",
+             f"{res['ppl_base']:.4f} / {r['ppl_clamped']:.4f}", "", ""),
+            (c, "perplexity rise", f"{100 * r['ppl_rise']:+.2f} %",
+             f"<= {100 * GOALS['ppl_rise']:.0f} %",
+             _ok(r["ppl_rise"], GOALS["ppl_rise"], higher=False)),
+            (c, f"(info) best held-out feature {r['oracle_feature']} token AUROC",
+             f"{r['oracle_feature_token_auroc']:.4f}", "", ""),
+        ]
+    w = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    head = ("concept", "measure", "value", "goal", "")
+    w = [max(w[i], len(head[i])) for i in range(5)]
+    line = "  ".join(h.ljust(w[i]) for i, h in enumerate(head))
+    print(line)
+    print("-" * len(line))
+    for row in rows:
+        print("  ".join(str(v).ljust(w[i]) for i, v in enumerate(row)))
+    print()
+    print(f"held-out: {res['docs']} docs / {res['tokens']} tokens (corpus seed {res['corpus_seed']}),"
+          f" {res['prompts']} prompts per concept x {res['max_new_tokens']} sampled tokens;"
+          f" {res['seconds']:.0f}s")
+    print(f"command: {command}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--assets", type=Path, default=B.ASSETS)
+    p.add_argument("--seed", type=int, default=0, help="offset of the held-out corpus seeds")
+    p.add_argument("--docs", type=int, default=1500)
+    p.add_argument("--prompts", type=int, default=300)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    a = p.parse_args(argv)
+    B.set_threads(a.threads)
+    res = evaluate(a.assets, a.seed, a.docs, a.prompts, a.max_new_tokens)
+    command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print_table(res, command.strip())
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
