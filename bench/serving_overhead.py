@@ -242,9 +242,9 @@ def main() -> None:
             for key in keys[shift:] + keys[:shift]:
                 got[key[0]].append(engines[key].run(r))
             for c in CONFIGS:
-                results[c].append({
-                    k: statistics.fmean(x[k] for x in got[c])
-                    for k in ("tokens_per_s", "tokens_per_cpu_s")} | {"status": got[c][-1]["status"]})
+                mean = {k: statistics.fmean(x[k] for x in got[c])
+                        for k in ("tokens_per_s", "tokens_per_cpu_s")}
+                results[c].append({**mean, "status": got[c][-1]["status"]})
             print(f"round {r:2d}: " + "  ".join(
                 f"{c} {results[c][-1]['tokens_per_s']:7.1f} tok/s "
                 f"({results[c][-1]['tokens_per_cpu_s']:7.1f}/cpu-s)" for c in CONFIGS), flush=True)
