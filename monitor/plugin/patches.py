@@ -169,7 +169,11 @@ def _wrap_load_model(orig):
             old.close()
         if not state.config().enabled:
             return orig(self, vllm_config, model_config, *args, **kwargs)
-        plan = _plan_load(vllm_config, model_config)
+        try:
+            plan = _plan_load(vllm_config, model_config)
+        except Exception:  # noqa: BLE001 - a bad plugin setting must not stop vLLM
+            logger.exception("featurewatch: bad configuration; serving without the plugin")
+            return orig(self, vllm_config, model_config, *args, **kwargs)
         _TLS.loading = True
         try:
             model = orig(self, vllm_config, model_config, *args, **kwargs)

@@ -39,6 +39,7 @@ from monitor.protocol import pb
 
 logger = logging.getLogger("vllm.featurewatch")
 
+_MAX_PENDING_OPS = 4096
 _SCOPES = {pb.TOKEN_SCOPE_ALL: "all", pb.TOKEN_SCOPE_PROMPT: "prompt",
            pb.TOKEN_SCOPE_GENERATED: "generated"}
 
@@ -53,7 +54,6 @@ class RequestInfo:
     cached: int
     started: float
     policies: list[str] = field(default_factory=list)
-    num_output_tokens: int = 0
 
     def start_message(self) -> pb.PluginMessage:
         return pb.PluginMessage(request_start=pb.RequestStart(
@@ -162,6 +162,9 @@ class Runtime:
             self._publish_view(view_from_plan(msg.plan))
         elif kind == "directive":
             self.counters.directives_received += 1
+            if len(self.ops) >= _MAX_PENDING_OPS:  # an idle engine applies nothing: bound it
+                self.counters.directives_rejected += 1
+                return
             self.ops.append(("directive", msg.directive.SerializeToString()))
 
     def _on_disconnect(self) -> None:
@@ -258,12 +261,6 @@ class Runtime:
         for nr in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
             if nr.req_id not in self.requests:
                 self._start(nr)
-        cached = getattr(scheduler_output, "scheduled_cached_reqs", None)
-        if cached is not None and getattr(cached, "num_output_tokens", None):
-            for rid, n_out in zip(cached.req_ids, cached.num_output_tokens, strict=False):
-                info = self.requests.get(rid)
-                if info is not None:
-                    info.num_output_tokens = n_out
 
     def _start(self, nr) -> None:
         sp = nr.sampling_params
@@ -303,8 +300,8 @@ class Runtime:
         if info is None:
             return
         self.counters.requests_finished += 1
-        # reason and length from the engine core; else the last scheduled count + its sample
-        reason, n_out = finished or ("", info.num_output_tokens + 1)
+        # reason and length come from the engine core's scheduler (patches._wrap_schedule)
+        reason, n_out = finished or ("", 0)
         if self.client is not None:
             self.client.offer(pb.PluginMessage(request_finish=pb.RequestFinish(
                 request_id=rid, generated_tokens=n_out, finish_reason=reason)))

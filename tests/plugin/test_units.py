@@ -357,3 +357,65 @@ def test_unset_address_means_loaded_idle():
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- runner adapters
+
+
+class _RecordingRuntime:
+    def __init__(self):
+        self.calls = []
+        self.runner_kind = "?"
+
+    def pre_step(self, so):
+        self.calls.append(("pre_step", so))
+
+    def before_forward(self, labels):
+        self.calls.append(("before", labels))
+
+    def after_forward(self):
+        self.calls.append(("after",))
+
+    def abort_forward(self):
+        self.calls.append(("abort",))
+
+
+def test_v2_runner_adapter_labels_and_dummy_runs():
+    """The V2 runner is GPU-only in vLLM 0.32 (it needs Triton); check the adapter against a
+    stand-in with the same method signatures and InputBatch fields."""
+    import types
+
+    from monitor.plugin import patches, state
+
+    class Runner:
+        def execute_model(self, scheduler_output, intermediate_tensors=None, dummy_run=False,
+                          **kwargs):
+            if not dummy_run:
+                self.prepare_inputs(scheduler_output, None, None, 0)
+            return "out"
+
+        def prepare_inputs(self, scheduler_output, batch_req_state, batch_desc,
+                           num_active_loras):
+            return types.SimpleNamespace(
+                num_reqs=2, req_ids=["a", "b"], num_tokens=4,
+                query_start_loc_np=np.array([0, 3, 4, 4], dtype=np.int32),
+                num_computed_tokens_np=np.array([5, 9], dtype=np.int32))
+
+    patches._wrap(Runner, "execute_model", patches._wrap_v2_execute)
+    patches._wrap(Runner, "prepare_inputs", patches._wrap_v2_prepare)
+    rt = _RecordingRuntime()
+    old = state.set_runtime(rt)
+    try:
+        so = object()
+        assert Runner().execute_model(so, None) == "out"
+        assert [c[0] for c in rt.calls] == ["pre_step", "before", "after"]
+        assert rt.runner_kind == "v2"
+        labels = rt.calls[1][1]
+        assert labels.req_ids == ["a", "b"] and labels.num_tokens == 4
+        assert labels.positions.tolist() == [5, 6, 7, 9] and labels.tok_req.tolist() == [0, 0, 0, 1]
+        rt.calls.clear()
+        Runner().execute_model(so, None, True)  # dummy runs (capture, warm-up) are not steps
+        Runner().execute_model(so, dummy_run=True)
+        assert rt.calls == []
+    finally:
+        state.set_runtime(old)
