@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from monitor.plugin.config import PluginConfig, grpc_target
-from monitor.protocol import pb, pb_grpc
+from monitor.protocol import pb
 
 logger = logging.getLogger("vllm.featurewatch")
 
@@ -78,7 +78,8 @@ class BatchItem:
     def __post_init__(self) -> None:
         self.nbytes = self.host.numel() * self.host.element_size()
 
-    def messages(self, max_bytes: int) -> Iterator[pb.PluginMessage]:
+    def messages(self, max_bytes: int) -> Iterator[bytes]:
+        """Serialised ``PluginMessage{batch}``s, split by tokens under ``max_bytes``."""
         if self.event is not None:
             self.event.synchronize()
         host = self.host
@@ -95,17 +96,49 @@ class BatchItem:
             used = np.unique(idx)
             remap = np.zeros(len(self.request_ids), dtype=np.int64)
             remap[used] = np.arange(len(used))
-            yield pb.PluginMessage(batch=pb.ActivationBatch(
+            meta = pb.ActivationBatch(
                 step=self.step,
                 layers=self.layers,
-                activations=pb.Tensor(dtype=dtype, shape=[L, b - a, d],
-                                      data=np.ascontiguousarray(arr[:, a:b]).tobytes()),
                 request_ids=[self.request_ids[i] for i in used],
                 token_request_index=remap[idx].tolist(),
                 positions=self.positions[a:b].tolist(),
                 is_generated=self.is_generated[a:b].tolist(),
                 captured_unix_s=self.captured_unix_s,
-            ))
+            ).SerializeToString()
+            head = pb.Tensor(dtype=dtype, shape=[L, b - a, d]).SerializeToString()
+            data = memoryview(np.ascontiguousarray(arr[:, a:b])).cast("B")
+            yield encode_batch(meta, head, data)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+_TAG_BATCH = b"\x12"  # PluginMessage.batch = 2, length-delimited
+_TAG_3 = b"\x1a"  # ActivationBatch.activations = 3 / Tensor.data = 3, length-delimited
+
+
+def encode_batch(meta: bytes, tensor_head: bytes, data) -> bytes:
+    """``PluginMessage{batch: meta + activations{tensor_head + data}}`` in protobuf wire format,
+    with the activation bytes copied once (the generic path copies them three times, holding the
+    GIL the forward thread needs). Field order on the wire is free in protobuf."""
+    n = len(data)
+    tensor_len = len(tensor_head) + 1 + len(_varint(n)) + n
+    batch_len = len(meta) + 1 + len(_varint(tensor_len)) + tensor_len
+    return b"".join((_TAG_BATCH, _varint(batch_len), meta, _TAG_3, _varint(tensor_len),
+                     tensor_head, _TAG_3, _varint(n), data))
+
+
+def _serialize(m: pb.PluginMessage | bytes) -> bytes:
+    return m if isinstance(m, bytes) else m.SerializeToString()
 
 
 class SidecarClient:
@@ -237,9 +270,14 @@ class SidecarClient:
         ]
         with grpc.insecure_channel(grpc_target(self.cfg.address or ""), options=options) as ch:
             grpc.channel_ready_future(ch).result(timeout=1.0)
-            stub = pb_grpc.IngestStub(ch)
+            # Ingest.Stream with a serializer that passes pre-encoded batches through
+            stream = ch.stream_stream(
+                "/featurewatch.v1.Ingest/Stream",
+                request_serializer=_serialize,
+                response_deserializer=pb.SidecarMessage.FromString,
+            )
             done = threading.Event()
-            responses = stub.Stream(self._requests(done))
+            responses = stream(self._requests(done))
             try:
                 for msg in responses:
                     self._on_message(msg)

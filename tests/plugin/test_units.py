@@ -276,14 +276,31 @@ def test_clamp_action_parsing():
 def _item(n=4, layers=(0, 1)):
     host = torch.randn(len(layers), n, D)
     return BatchItem(step=1, layers=list(layers), host=host, event=None,
-                     request_ids=["a", "b"], token_request_index=np.array([0, 0, 1, 1][:n]),
+                     request_ids=["a", "b"], token_request_index=np.arange(n) * 2 // n,
                      positions=np.arange(n), is_generated=np.zeros(n, bool),
                      captured_unix_s=time.time())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hand_encoded_batch_equals_protobuf(dtype):
+    item = _item(n=300)  # a varint length above 127 bytes everywhere
+    item.host = item.host.to(dtype)
+    (raw,) = list(item.messages(max_bytes=0))
+    got = pb.PluginMessage.FromString(raw).batch
+    host = item.host.view(torch.int16) if dtype == torch.bfloat16 else item.host
+    want = pb.ActivationBatch(
+        step=1, layers=[0, 1], request_ids=["a", "b"],
+        token_request_index=item.token_request_index.tolist(),
+        positions=list(range(300)), is_generated=[False] * 300,
+        captured_unix_s=item.captured_unix_s,
+        activations=pb.Tensor(dtype=pb.BFLOAT16 if dtype == torch.bfloat16 else pb.FLOAT32,
+                              shape=[2, 300, D], data=host.numpy().tobytes()))
+    assert got == want
+
+
 def test_batch_is_split_under_max_batch_bytes():
     item = _item()
-    msgs = list(item.messages(max_bytes=2 * D * 4 * 2))  # two tokens per message
+    msgs = [pb.PluginMessage.FromString(m) for m in item.messages(max_bytes=2 * D * 4 * 2)]
     assert len(msgs) == 2
     assert [list(m.batch.request_ids) for m in msgs] == [["a"], ["b"]]
     assert all(list(m.batch.token_request_index) == [0, 0] for m in msgs)
