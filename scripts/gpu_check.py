@@ -57,7 +57,7 @@ def child(args) -> dict:
     from tests.plugin.helpers import (
         DIRECTIVE,
         POLICY_CLAMP_ADD,
-        apply_actions,
+        HFReference,
         directive_on_start,
         make_plan,
         prompts,
@@ -70,7 +70,6 @@ def child(args) -> dict:
     sidecar.on_start = directive_on_start
     os.environ.update(FEATUREWATCH_ADDRESS=address, FEATUREWATCH_RUNTIME_DIR=root,
                       VLLM_USE_V2_MODEL_RUNNER="1" if runner == "v2" else "0")
-    from transformers import LlamaForCausalLM
     from vllm import LLM, SamplingParams
 
     kwargs = dict(dtype=args.dtype, max_model_len=512, max_num_seqs=8, seed=0,
@@ -95,7 +94,7 @@ def child(args) -> dict:
         result["selftest"] = st.get("selftest")
         result["checks"]["selftest"] = st.get("selftest", {}).get("status") == "passed"
 
-        hf = LlamaForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+        hf = HFReference(args.model)
         tol = {"float32": 2e-3, "float16": 2e-2, "bfloat16": 8e-2}[args.dtype]
 
         def run(ps, metas, max_tokens, salt=None):
@@ -105,33 +104,10 @@ def child(args) -> dict:
                       for p in ps]
             return [list(o.outputs[0].token_ids) for o in llm.generate(inputs, sp, use_tqdm=False)]
 
-        def hf_layers(tokens, steer=()):
-            out: dict[int, np.ndarray] = {}
-
-            def hook_for(i):
-                def hook(mod, a, o):
-                    x = o[0] if isinstance(o, tuple) else o
-                    rows = []
-                    for p in range(x.shape[1]):
-                        acts = [c for fp, acts in steer if fp <= p for c in acts if c.layer == i]
-                        rows.append(apply_actions(x[0, p], acts) if acts else x[0, p])
-                    y = torch.stack(rows).unsqueeze(0)
-                    out[i] = y[0].numpy()
-                    return (y,) + tuple(o[1:]) if isinstance(o, tuple) else y
-                return hook
-
-            hs = [layer.register_forward_hook(hook_for(i))
-                  for i, layer in enumerate(hf.model.layers)]
-            with torch.no_grad():
-                hf(torch.tensor([tokens]))
-            for h in hs:
-                h.remove()
-            return out
-
         def compare(case, tokens, steer=()):
             rid = sidecar.find_request(case=case)
             acts = sidecar.activations(rid)
-            ref = hf_layers(tokens, steer)
+            ref = hf.layers(tokens, steer)
             worst = 0.0
             for layer, rows in acts.items():
                 n = len(tokens)

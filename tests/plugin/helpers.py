@@ -118,13 +118,10 @@ class HFReference:
 
         self.model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
-    @torch.no_grad()
-    def run(self, prompt: list[int], max_tokens: int, steer: list[tuple[int, list]] = ()):
-        """Greedy decode with full recompute. ``steer``: (from_position, actions) applied by forward
-        hooks to the output of the actions' layers. Returns (generated ids, layer -> [T, d] layer
-        outputs of the final sequence, excluding the last generated token)."""
-        layers = self.model.model.layers
-        captured: dict[int, torch.Tensor] = {}
+    @contextlib.contextmanager
+    def _steered(self, steer, captured: dict[int, torch.Tensor]):
+        """Forward hooks applying ``steer`` — (from_position, actions) pairs — to the outputs of
+        the actions' layers, recording every layer's (steered) output in ``captured``."""
 
         def hook_for(idx: int):
             def hook(mod, args, out):
@@ -139,20 +136,34 @@ class HFReference:
                 return (y,) + tuple(out[1:]) if isinstance(out, tuple) else y
             return hook
 
-        handles = [layers[i].register_forward_hook(hook_for(i)) for i in range(len(layers))]
+        handles = [layer.register_forward_hook(hook_for(i))
+                   for i, layer in enumerate(self.model.model.layers)]
         try:
-            ids = list(prompt)
-            gen: list[int] = []
-            for _ in range(max_tokens):
-                logits = self.model(torch.tensor([ids])).logits[0, -1]
-                tok = int(torch.argmax(logits))
-                gen.append(tok)
-                ids.append(tok)
-            self.model(torch.tensor([ids[:-1]]))  # the residual of every computed position
+            yield
         finally:
             for h in handles:
                 h.remove()
-        return gen, {i: captured[i].numpy() for i in captured}
+
+    @torch.no_grad()
+    def layers(self, tokens: list[int], steer=()) -> dict[int, np.ndarray]:
+        """layer -> [T, d] outputs (after steering) of a teacher-forced pass over ``tokens``."""
+        captured: dict[int, torch.Tensor] = {}
+        with self._steered(steer, captured):
+            self.model(torch.tensor([tokens]))
+        return {i: t.numpy() for i, t in captured.items()}
+
+    @torch.no_grad()
+    def run(self, prompt: list[int], max_tokens: int, steer=()):
+        """Greedy decode with full recompute, steered. Returns (generated ids, layer -> [T, d]
+        outputs for every computed position, i.e. all but the last generated token)."""
+        ids = list(prompt)
+        gen: list[int] = []
+        with self._steered(steer, {}):
+            for _ in range(max_tokens):
+                tok = int(torch.argmax(self.model(torch.tensor([ids])).logits[0, -1]))
+                gen.append(tok)
+                ids.append(tok)
+        return gen, self.layers(ids[:-1], steer)
 
 
 def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -172,12 +183,14 @@ class Engine:
     def status(self) -> dict:
         return self.llm.collective_rpc("featurewatch_status")[0]
 
-    def generate(self, prompt_ids: list[list[int]], max_tokens: int, metadata: list[dict | None]):
+    def generate(self, prompt_ids: list[list[int]], max_tokens: int, metadata: list[dict | None],
+                 cache_salt: str | None = None):
         from vllm import SamplingParams
 
         params = [SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
                                  extra_args=dict(m) if m else None) for m in metadata]
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params,
+        salt = {"cache_salt": cache_salt} if cache_salt else {}
+        outs = self.llm.generate([{"prompt_token_ids": p, **salt} for p in prompt_ids], params,
                                  use_tqdm=False)
         return [list(o.outputs[0].token_ids) for o in outs]
 
@@ -238,3 +251,23 @@ def assert_close_to_hf(eng: Engine, rid: str, ref_layers: dict[int, np.ndarray],
         mine = np.stack([got[p] for p in range(n_positions)])
         err = float(np.abs(mine - ref_layers[layer][:n_positions]).max())
         assert err <= atol, f"layer {layer}: max |vllm - hf| = {err}"
+
+
+def assert_cobatched_unsteered_bit_identical(eng: Engine, ps: list[list[int]], max_tokens: int,
+                                            tag: str) -> None:
+    """Batch [A, B] twice, A steered by a policy the first time only: B's tokens and every tapped
+    row of B are the same bits both times. Each run gets its own cache_salt, so the second one
+    recomputes instead of hitting the prefix cache."""
+    steered = eng.generate(ps, max_tokens, [{"case": f"{tag}1A", "steer": "policy"},
+                                            {"case": f"{tag}1B"}], cache_salt=f"{tag}1")
+    plain = eng.generate(ps, max_tokens, [{"case": f"{tag}2A"}, {"case": f"{tag}2B"}],
+                         cache_salt=f"{tag}2")
+    assert steered[0] != plain[0]
+    assert steered[1] == plain[1]
+    b1 = eng.sidecar.activations(eng.sidecar.find_request(case=f"{tag}1B"))
+    b2 = eng.sidecar.activations(eng.sidecar.find_request(case=f"{tag}2B"))
+    n = len(ps[1]) + max_tokens - 1
+    for layer in range(NUM_LAYERS):
+        assert sorted(b1[layer]) == sorted(b2[layer]) == list(range(n))
+        for q in b1[layer]:
+            assert np.array_equal(b1[layer][q], b2[layer][q]), (layer, q)

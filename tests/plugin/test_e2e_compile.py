@@ -4,12 +4,12 @@ the eager semantics exactly as in ``test_e2e_eager``."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from tests.plugin.helpers import (
     POLICY_CLAMP_ADD,
     assert_close_to_hf,
+    assert_cobatched_unsteered_bit_identical,
     make_plan,
     prompts,
     start_engine,
@@ -43,25 +43,4 @@ def test_tap_and_policy_steering_match_hf(eng, hf):
 
 
 def test_cobatched_unsteered_request_is_bit_identical(eng):
-    from vllm import SamplingParams
-
-    ps = prompts(2, 14, seed=12)
-
-    def run(tag, steer_a):
-        sp = [SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
-                             extra_args={"case": f"{tag}A",
-                                         **({"steer": "policy"} if steer_a else {})}),
-              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True,
-                             extra_args={"case": f"{tag}B"})]
-        outs = eng.llm.generate([{"prompt_token_ids": q, "cache_salt": tag} for q in ps], sp,
-                                use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-    steered, plain = run("k1", True), run("k2", False)
-    assert steered[0] != plain[0] and steered[1] == plain[1]
-    b1 = eng.sidecar.activations(eng.sidecar.find_request(case="k1B"))
-    b2 = eng.sidecar.activations(eng.sidecar.find_request(case="k2B"))
-    for layer in range(4):
-        assert sorted(b1[layer]) == list(range(14 + 4))
-        for q in b1[layer]:
-            assert np.array_equal(b1[layer][q], b2[layer][q]), (layer, q)
+    assert_cobatched_unsteered_bit_identical(eng, prompts(2, 14, seed=12), 5, "k")

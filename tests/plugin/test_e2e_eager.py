@@ -18,6 +18,7 @@ from tests.plugin.helpers import (
     POLICY_CLAMP_ADD,
     POLICY_GATED,
     assert_close_to_hf,
+    assert_cobatched_unsteered_bit_identical,
     make_plan,
     prompts,
     start_engine,
@@ -88,31 +89,7 @@ def test_policy_steering_matches_hf(eng, hf):
 
 
 def test_cobatched_unsteered_request_is_bit_identical(eng):
-    ps = prompts(2, 18, seed=3)
-
-    def run(tag, steer_a):
-        from vllm import SamplingParams
-
-        sp = [SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
-                             extra_args={"case": f"{tag}A",
-                                         **({"steer": "policy"} if steer_a else {})}),
-              SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
-                             extra_args={"case": f"{tag}B"})]
-        # a fresh cache_salt per run: the second run must recompute, not hit the prefix cache
-        outs = eng.llm.generate([{"prompt_token_ids": q, "cache_salt": tag} for q in ps], sp,
-                                use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
-
-    steered = run("cb1", True)
-    plain = run("cb2", False)
-    assert steered[0] != plain[0]
-    assert steered[1] == plain[1]
-    b1 = eng.sidecar.activations(eng.sidecar.find_request(case="cb1B"))
-    b2 = eng.sidecar.activations(eng.sidecar.find_request(case="cb2B"))
-    for layer in range(4):
-        assert sorted(b1[layer]) == sorted(b2[layer]) == list(range(18 + 7))
-        for q in b1[layer]:
-            assert np.array_equal(b1[layer][q], b2[layer][q]), (layer, q)
+    assert_cobatched_unsteered_bit_identical(eng, prompts(2, 18, seed=3), 8, "cb")
 
 
 def test_directive_from_position_matches_hf(eng, hf):
