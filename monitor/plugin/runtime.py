@@ -111,6 +111,7 @@ class Runtime:
         self.view = PolicyView(False, ())  # read by the engine core (request creation)
         self.plan_layers: list[int] = []
         self.plan_slots: list[int] = []
+        self._plan_rows: slice | torch.Tensor = slice(0, 0)  # plan_slots as a tap-buffer index
         self.scope = pb.TOKEN_SCOPE_ALL
         self.step = 0
         self.runner_kind = "?"
@@ -212,6 +213,7 @@ class Runtime:
                 self.steering.apply_plan(plan)
                 self.plan_layers = [x for x in plan.layers if x in self.slot_of_layer]
                 self.plan_slots = [self.slot_of_layer[x] for x in self.plan_layers]
+                self._plan_rows = _rows_of(self.plan_slots, self.tables.device)
                 self.scope = plan.scope
             elif kind == "directive":
                 d = pb.SteeringDirective.FromString(data)
@@ -404,12 +406,11 @@ class Runtime:
         if not self.client.has_room(nbytes):
             self.counters.batches_dropped_queue_full += 1
             return
-        slots = self.plan_slots
         src = self.tables.tap
-        if slots == list(range(slots[0], slots[0] + len(slots))):
-            view = src[slots[0]: slots[0] + len(slots), :n]
+        if isinstance(self._plan_rows, slice):
+            view = src[self._plan_rows, :n]
         else:
-            view = src.index_select(0, torch.tensor(slots, device=src.device))[:, :n]
+            view = src[:, :n].index_select(0, self._plan_rows)
         tok_idx = None
         if keep is not None:
             tok_idx = np.nonzero(keep)[0]
@@ -486,6 +487,13 @@ def _graph_mode(vllm_config) -> dict:
         "cudagraph_mode": _name(getattr(cc, "cudagraph_mode", "?")),
         "enforce_eager": bool(getattr(mc, "enforce_eager", False)),
     }
+
+
+def _rows_of(slots: list[int], device) -> slice | torch.Tensor:
+    """A contiguous run of tap-buffer slots as a slice (a view), else an index tensor."""
+    if slots and slots == list(range(slots[0], slots[0] + len(slots))):
+        return slice(slots[0], slots[0] + len(slots))
+    return torch.tensor(slots, dtype=torch.long, device=device)
 
 
 def _name(v) -> str:
