@@ -436,3 +436,26 @@ def test_v2_runner_adapter_labels_and_dummy_runs():
         assert rt.calls == []
     finally:
         state.set_runtime(old)
+
+
+@pytest.mark.parametrize("layers", [[1, 3], [1, 2], [3, 0]])
+def test_harvest_copies_the_planned_layers_and_this_steps_tokens(layers):
+    import types
+
+    from monitor.plugin.runtime import Runtime, StepLabels
+
+    t = ops.SteerTables(num_layers=4, d_model=8, rows=4, clamps=2, max_tokens=16,
+                        device=torch.device("cpu"), dtype=torch.float32, do_tap=True)
+    t.tap.copy_(torch.arange(t.tap.numel(), dtype=torch.float32).view(t.tap.shape))
+    vc = types.SimpleNamespace(parallel_config=types.SimpleNamespace(
+        distributed_executor_backend="uni"))
+    rt = Runtime(PluginConfig(address="unix:///nowhere"), vllm_config=vc, model_name="m",
+                 d_model=8, num_layers=4, hooked=[0, 1, 2, 3], tables=t, tp_rank=0, tp_size=1,
+                 pp_rank=0, engine="0")
+    rt.client.connected = True  # never started: items stay in its queue
+    rt._apply_ops([("plan", pb.TapPlan(layers=layers).SerializeToString())])
+    rt.before_forward(StepLabels(["r"], np.array([0, 3]), np.array([5]), 3))
+    rt.after_forward()
+    item = rt.client._q.get_nowait()
+    assert item.layers == layers and item.positions.tolist() == [5, 6, 7]
+    assert torch.equal(item.host, t.tap[layers][:, :3])
