@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monitor.protocol import pb, pb_grpc  # noqa: E402
 from tests.support.dictionaries import PLANTED_FEATURE, planted_direction  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
-from tests.support.sidecar import SidecarProcess, free_port  # noqa: E402
+from tests.support.sidecar import SidecarProcess, free_port, metric_value as metric  # noqa: E402
 
 
 def write_bench_sae(path: Path, d: int, d_sae: int) -> Path:
@@ -150,16 +150,6 @@ def pipeline_only(config: dict, d: int, x: np.ndarray, n_requests: int, batches:
     elapsed = time.perf_counter() - start
     sidecar.events.close()
     return batches * x.shape[1] / elapsed
-
-
-def metric(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and not line.startswith("#") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            head = line.split("#")[0].split()
-            if head[0].split("{")[0] == name:
-                total += float(head[-1])
-    return total
 
 
 def histogram_quantile(before: str, after: str, name: str, q: float) -> float:

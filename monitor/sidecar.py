@@ -99,7 +99,7 @@ class Sidecar:
             self._rules_mtime = path.stat().st_mtime
             if self.rule_store.get().yaml != text:
                 self.rule_store.put(text, f"file:{path}")
-        self.rule_store.subscribe(self._on_rules_stored)
+        self.rule_store.subscribe(self._apply)
         stored = self.rule_store.get()
         if stored.yaml:
             self._apply(stored)
@@ -109,9 +109,6 @@ class Sidecar:
         version = self.rule_store.put(text, author)
         self.events.emit("rules", version=version, author=author, action="put")
         return version
-
-    def _on_rules_stored(self, stored: StoredRules) -> None:
-        self._apply(stored)
 
     def _apply(self, stored: StoredRules) -> bool:
         if stored.version == self.rules.version and stored.yaml == self.rules.yaml:
@@ -165,7 +162,7 @@ class Sidecar:
                 await asyncio.to_thread(self.reload_rules_file)
 
     # ------------------------------------------------------------------ plugin streams
-    def plan(self, stream: PluginStream | None = None) -> pb.TapPlan:
+    def plan(self) -> pb.TapPlan:
         layers = sorted(set(self.config.layers()) | set(self.rules.layers))
         return pb.TapPlan(
             layers=layers, scope=SCOPES[self.config.token_scope], steering_enabled=self.steering.enabled,
@@ -175,7 +172,7 @@ class Sidecar:
         )
 
     def attach(self, stream: PluginStream) -> None:
-        plan = self.plan(stream)
+        plan = self.plan()
         stream.allowed_layers = set(plan.layers)
         missing = set(plan.layers) - set(stream.hello.available_layers)
         if stream.hello.available_layers and missing:

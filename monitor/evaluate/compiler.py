@@ -160,8 +160,3 @@ def load_and_compile(path: str | Path, dictionaries: Dictionaries, version: int 
     except OSError as exc:
         raise RulesInvalid([RuleError(str(path), "", "", f"cannot read: {exc}")]) from exc
     return compile_rules(text, dictionaries, version, str(path))
-
-
-def empty_rules(dictionaries: Dictionaries) -> CompiledRules:
-    return compile_rules("", dictionaries)
-

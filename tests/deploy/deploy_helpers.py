@@ -12,13 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.sidecar import free_port
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def need_binary(name: str) -> str:

@@ -10,10 +10,10 @@ import pytest
 
 from monitor.protocol import pb, pb_grpc
 from tests.deploy.deploy_helpers import wait_for
-from tests.sidecar.test_sidecar_grpc import RULES, metric_value
+from tests.sidecar.test_sidecar_grpc import RULES
 from tests.support.dictionaries import planted_direction
 from tests.support.plugin_client import PluginClient
-from tests.support.sidecar import ADMIN_TOKEN, SidecarProcess, fixture_config
+from tests.support.sidecar import ADMIN_TOKEN, SidecarProcess, fixture_config, metric_value
 
 D = 64
 AUTH = [("authorization", f"Bearer {ADMIN_TOKEN}")]

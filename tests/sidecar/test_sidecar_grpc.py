@@ -16,7 +16,7 @@ import pytest
 from monitor.protocol import pb, pb_grpc
 from tests.support.dictionaries import PLANTED_FEATURE, planted_direction
 from tests.support.plugin_client import PluginClient
-from tests.support.sidecar import ADMIN_TOKEN, SidecarProcess, fixture_config
+from tests.support.sidecar import ADMIN_TOKEN, SidecarProcess, fixture_config, metric_value
 
 D = 64
 RULES = f"""
@@ -62,15 +62,6 @@ def rows(n: int, planted: list[int], scale: float = 10.0, seed: int = 0) -> np.n
 
 def admin(address: str):
     return pb_grpc.AdminStub(grpc.insecure_channel(address))
-
-
-def metric_value(text: str, name: str, **labels) -> float:
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.split("#")[0].split()[-1])
-    return total
 
 
 def test_alert_fires_and_steering_directive_comes_back(sidecar):

@@ -25,6 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def metric_value(text: str, name: str, **labels) -> float:
+    """Sum of the samples of one metric (exact name) whose labels include `labels`."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.split("#")[0].split()[-1])
+    return total
+
+
 def fixture_config(tmp: Path, d_model: int = 64, **overrides) -> dict:
     """A sidecar config over the planted SAE (layer 1, source `sae`) and probe bank (`probes`)."""
     sae = write_saelens_jumprelu(tmp / "sae", d_model)
