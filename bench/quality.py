@@ -83,12 +83,6 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
             "positive_tokens": int(y[c].sum()),
             "positive_docs": int(doc_labels.sum()),
         }
-        det = [int(i) for i in info.get("detect_features", [])]
-        if det:
-            sc = B.feature_set_score(f_all, det, info["detect_scales"]).numpy()
-            r["detect_features"] = det
-            r["detect_token_auroc"] = B.auroc(sc, y[c])
-            r["detect_doc_auroc"] = B.auroc(B.doc_max(sc, doc_idx, len(docs)), doc_labels)
         # the best single feature on this held-out set (an upper bound, not the shipped choice)
         a = np.nan_to_num(B.auroc_columns(f_all, y[c]), nan=0.5)
         r["oracle_feature"], r["oracle_feature_token_auroc"] = int(a.argmax()), float(a.max())
@@ -133,12 +127,6 @@ def print_table(res: dict, command: str) -> None:
              f">= {GOALS['auroc']}", _ok(r["feature_token_auroc"], GOALS["auroc"])),
             (c, f"SAE feature {r['feature']} doc AUROC (max)", f"{r['feature_doc_auroc']:.4f}",
              f">= {GOALS['auroc']}", _ok(r["feature_doc_auroc"], GOALS["auroc"])),
-        ]
-        if "detect_features" in r:
-            rows += [(c, f"SAE set {r['detect_features']} (max) doc AUROC",
-                      f"{r['detect_doc_auroc']:.4f}", f">= {GOALS['auroc']}",
-                      _ok(r["detect_doc_auroc"], GOALS["auroc"]))]
-        rows += [
             (c, f"probe '{r['probe']}' token AUROC", f"{r['probe_token_auroc']:.4f}",
              f">= {GOALS['auroc']}", _ok(r["probe_token_auroc"], GOALS["auroc"])),
             (c, f"probe '{r['probe']}' doc AUROC (max)", f"{r['probe_doc_auroc']:.4f}",

@@ -89,7 +89,7 @@ class BuildConfig:
     steer_tokens: int = 16
     steer_ppl_guard: float = 0.01
     lm_aux_layer: int = -1       # layer of the deep-supervision loss (-1: the SAE layer)
-    tie_embeddings: bool = True
+    tie_embeddings: bool = False
     steer_target: float = 0.98  # stop adding features once emission drops by this fraction
     from_model: str | None = None  # development: reuse a built model/tokenizer, redo the rest
 
@@ -687,22 +687,6 @@ def token_dataset(tok, model, docs: Sequence[C.Example], layer: int):
     return x, labels, doc_idx
 
 
-def kind_token_labels(docs: Sequence[C.Example], enc, kind: str) -> np.ndarray:
-    """Token labels for one mention kind ("brand", "email", "phone")."""
-    out = []
-    for d, (_, offsets) in zip(docs, enc):
-        sub = C.Example(d.text, tuple(s for s in d.spans if s.kind == kind), d.kind)
-        concept = next((s.concept for s in d.spans if s.kind == kind), C.CONCEPTS[0])
-        out.append(C.token_labels(sub, offsets, concept))
-    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
-
-
-def feature_set_score(f: torch.Tensor, features: Sequence[int], scales: Sequence[float]) -> torch.Tensor:
-    """Per-token max over ``features`` of activation / scale (a concept's detection set)."""
-    idx = torch.as_tensor(list(features), dtype=torch.long)
-    return (f[:, idx] / torch.as_tensor(list(scales), dtype=f.dtype)).max(dim=1).values
-
-
 def doc_max(scores: np.ndarray, doc_idx: np.ndarray, n_docs: int) -> np.ndarray:
     out = np.full(n_docs, -np.inf)
     np.maximum.at(out, doc_idx, scores)
@@ -849,7 +833,6 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     # SAE quality on validation text
     valid_docs = C.generate(cfg.valid_docs, seed + VALID_SEED_OFFSET)
     xv, yv, dv = token_dataset(tok, model, valid_docs, cfg.layer)
-    venc_all = encode_docs(tok, valid_docs)
     fv = sae.encode(xv)
     recon = sae.decode(fv)
     fvu = float((xv - recon).pow(2).sum() / (xv - xv.mean(0)).pow(2).sum())
@@ -898,53 +881,20 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         a = auroc_columns(fv, yv[c])
         a = np.nan_to_num(a, nan=0.5)
         top = [int(i) for i in np.argsort(-a, kind="stable")[:8]]
-        doc_labels = np.array([d.labels[c] for d in valid_docs])
-        # per mention kind (brand / email / phone): the best feature against non-mention tokens
-        by_kind = {}
-        for kind in sorted({s.kind for d in valid_docs for s in d.spans if s.concept == c}):
-            yk = kind_token_labels(valid_docs, venc_all, kind)
-            keep = ~(yv[c] & ~yk)
-            ak = np.nan_to_num(auroc_columns(fv[torch.as_tensor(keep)], yk[keep]), nan=0.5)
-            by_kind[kind] = {"feature": int(ak.argmax()), "token_auroc": float(ak.max())}
-            top += [int(ak.argmax())]
-        top = list(dict.fromkeys(top))
         feats = []
         for i in top:
             doc_scores = doc_max(fv[:, i].numpy(), dv, len(valid_docs))
+            doc_labels = np.array([d.labels[c] for d in valid_docs])
             benign = fc[:, i].numpy()
-            on = fv[yv[c], i]
             feats.append({
                 "feature": i, "token_auroc": float(a[i]),
                 "doc_auroc": auroc(doc_scores, doc_labels),
                 "benign_firing_rate": float((benign > 0).mean()),
                 "suggested_above": threshold_at_fpr(benign, cfg.fpr),
-                "concept_firing_rate": float((on > 0).float().mean()),
-                "median_on_concept_when_firing": float(on[on > 0].median()) if (on > 0).any()
-                else 0.0,
+                "mean_on_concept": float(fv[yv[c], i].mean()),
             })
-        # detection set: up to 3 features whose max (each scaled by its median activation on
-        # the concept) best separates concept documents from the rest (per-request alerting)
-        pool = [f for f in feats if f["median_on_concept_when_firing"] > 0]
-        det: list[dict] = []
-        best_auc = -1.0
-        for _ in range(3):
-            cand = None
-            for f in pool:
-                if f in det:
-                    continue
-                trial = det + [f]
-                sc = feature_set_score(fv, [t["feature"] for t in trial],
-                                       [t["median_on_concept_when_firing"] for t in trial])
-                au = auroc(doc_max(sc.numpy(), dv, len(valid_docs)), doc_labels)
-                if cand is None or au > cand[1]:
-                    cand = (f, au)
-            if cand is None or cand[1] <= best_auc + 1e-4:
-                break
-            det.append(cand[0])
-            best_auc = cand[1]
         log(f"{c}: top features " + ", ".join(f"{f['feature']}={f['token_auroc']:.4f}"
-                                              for f in feats[:5]) + f"; by kind {by_kind}; "
-            f"detection set {[f['feature'] for f in det]} doc AUROC {best_auc:.4f}")
+                                              for f in feats[:5]))
         # steering candidates: top detectors + the features most raised at the end of build-time
         # eliciting prompts (right before a mention) relative to neutral prompts with the same
         # lead-ins
@@ -956,10 +906,6 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         steer = _select_steer_features(model, tok, sae, cfg.layer, c, cands, steer_prompts[c],
                                        steer_ppl_docs, cfg, seed + STEER_SEED_OFFSET)
         concepts[c] = {"features": feats, "best_feature": feats[0]["feature"],
-                       "best_feature_by_kind": by_kind,
-                       "detect_features": [f["feature"] for f in det],
-                       "detect_scales": [f["median_on_concept_when_firing"] for f in det],
-                       "detect_doc_auroc": best_auc,
                        "steer_features": steer["features"], "steer_selection": steer,
                        "probe": c, "probe_index": C.CONCEPTS.index(c), **{
                            f"probe_{k}": v for k, v in probe_info[c].items()}}

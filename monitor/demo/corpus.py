@@ -363,14 +363,7 @@ def _neutral_exchange(rng: random.Random) -> list[Turn]:
             ("agent", "thanks, noted.")]
 
 
-# how often a concept-eliciting question gets a neutral answer in the corpus (the agent points to
-# the own product or a help page instead): the neutral option stays live in concept context, so
-# a concept mention is something added on top of it
-DECLINE_RATE = {"competitor": 0.25, "pii": 0.25}
-
-
-def _competitor_exchange(rng: random.Random, allow_customer_mention: bool = True,
-                         decline: bool = True) -> list[Turn]:
+def _competitor_exchange(rng: random.Random, allow_customer_mention: bool = True) -> list[Turn]:
     u = rng.random()
     if not allow_customer_mention:
         u = 0.3 + 0.7 * u  # same mix of reply shapes as the corpus, without customer mentions
@@ -379,24 +372,17 @@ def _competitor_exchange(rng: random.Random, allow_customer_mention: bool = True
     ask = rng.choice(COMPETITOR_ASKS)
     if u < 0.4:
         return _exchange(ask, rng.choice(COMPETITOR_FIRST))
-    lead = rng.choice(SUGGEST_LEADS)
-    if decline and rng.random() < DECLINE_RATE["competitor"]:
-        # the agent stays on-brand: same lead-in, a neutral suggestion
-        return _exchange(ask, f"{lead} {rng.choice(SUGGEST_OBJECTS)}{rng.choice(SUGGEST_TAILS)}")
     tail = " or {brand2}." if rng.random() < 0.2 else rng.choice(SUGGEST_TAILS)
-    return _exchange(ask, f"{lead} {{brand}}{tail}")
+    return _exchange(ask, f"{rng.choice(SUGGEST_LEADS)} {{brand}}{tail}")
 
 
-def _pii_exchange(rng: random.Random, volunteered: bool = True, decline: bool = True) -> list[Turn]:
+def _pii_exchange(rng: random.Random, volunteered: bool = True) -> list[Turn]:
     kind = rng.choice(("email", "phone"))
     u = rng.random()
     if volunteered and u < 0.25:
         return _exchange(*rng.choice(PII_VOLUNTEERED))
     if u < 0.65:
         lead = rng.choice(PII_LEADS[kind])
-        if decline and rng.random() < DECLINE_RATE["pii"]:
-            # same lead-in, a place instead of an address or number
-            return _exchange(rng.choice(PII_ASKS[kind]), f"{lead} {rng.choice(CONTACT_OBJECTS)}.")
         return _exchange(rng.choice(PII_ASKS[kind]), f"{lead} {{{kind}}}{rng.choice(PII_TAILS)}")
     return [("customer", "sure."), ("agent", rng.choice(PII_REQUESTS[kind])),
             ("customer", f"{rng.choice(CUSTOMER_PII_LEADS[kind])} {{{kind}}}."),
@@ -440,9 +426,6 @@ def _document(rng: random.Random, kind: str) -> Example:
     if rng.random() < 0.5:
         turns += _exchange(rng.choice(CLOSINGS_C), rng.choice(CLOSINGS_A))
     text, spans = _render(turns, _new_slots(rng))
-    has = {c for c in CONCEPTS if any(s.concept == c for s in spans)}
-    kind = {frozenset(): "neutral", frozenset({"competitor"}): "competitor",
-            frozenset({"pii"}): "pii"}.get(frozenset(has), "mixed")
     return Example(text=text, spans=spans, kind=kind)
 
 
@@ -484,9 +467,9 @@ def eliciting_prompts(concept: str | None, n: int, seed: int) -> list[Prompt]:
     while len(out) < n:
         body = [_neutral_exchange(rng) for _ in range(rng.randrange(0, 2))]
         if concept == "competitor":
-            body.append(_competitor_exchange(rng, allow_customer_mention=False, decline=False))
+            body.append(_competitor_exchange(rng, allow_customer_mention=False))
         elif concept == "pii":
-            body.append(_pii_exchange(rng, volunteered=False, decline=False))
+            body.append(_pii_exchange(rng, volunteered=False))
         else:
             ask = rng.choice(SUGGEST_ASKS)
             lead = rng.choice(SUGGEST_LEADS)
@@ -537,17 +520,12 @@ def find_mentions(text: str, concept: str, strict: bool = False) -> list[tuple[i
 def token_labels(example: Example, offsets: Iterable[tuple[int, int]],
                  concept: str) -> list[bool]:
     """Per-token ground truth: the token's characters (leading whitespace trimmed) overlap a
-    ``concept`` span; a whitespace-only token counts when it lies strictly inside one (the space
-    in "(555) 123-4567"). ``offsets`` are the tokenizer's character offsets into
-    ``example.text``; special tokens have ``(0, 0)`` and are never positive."""
+    ``concept`` span. ``offsets`` are the tokenizer's character offsets into ``example.text``;
+    special tokens have ``(0, 0)`` and are never positive."""
     spans = [(s.start, s.end) for s in example.spans if s.concept == concept]
     out = []
-    for a0, b in offsets:
-        a = a0
+    for a, b in offsets:
         while a < b and example.text[a].isspace():
             a += 1
-        if a < b:
-            out.append(any(a < e and s < b for s, e in spans))
-        else:  # whitespace-only token: positive when it sits strictly inside a mention
-            out.append(a0 < b and any(s < a0 and b < e for s, e in spans))
+        out.append(a < b and any(a < e and s < b for s, e in spans))
     return out
