@@ -71,11 +71,12 @@ RULES = "rules:\n" + "".join(
 
 
 def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps_per_request: int = 64,
-               fresh_last: bool = False) -> pb.PluginMessage:
+               fresh_last: bool = False) -> bytes:
     """One model step: `n_requests` requests, each with an equal share of the step's tokens.
     A request lives `steps_per_request` steps (positions advance), then new ids take over;
     ids are unique per phase since re-sent (request, position) pairs are deduplicated.
-    `fresh_last`: the last request is new in every step (rules fire once per request)."""
+    `fresh_last`: the last request is new in every step (rules fire once per request).
+    Wire-encoded as the real plugin does it (`monitor.plugin.client.encode_batch`)."""
     n = x.shape[1]
     per = n // n_requests
     generation, offset = divmod(step, steps_per_request)
@@ -83,7 +84,7 @@ def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps
     if fresh_last:
         rids[-1] = f"{phase}-step{step}"
     positions = offset * per + np.tile(np.arange(per), n_requests)
-    return PluginClient.batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n)
+    return PluginClient.encoded_batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n)
 
 
 def run_sink(port_q, socket_path: str) -> None:
@@ -109,6 +110,38 @@ def run_sink(port_q, socket_path: str) -> None:
     asyncio.run(main())
 
 
+def blast(address: str, d: int, seconds: float, make) -> dict:
+    """Send ``make(step)`` batches on one Ingest stream as fast as gRPC takes them, for ``seconds``.
+
+    The requests are a generator consumed by gRPC's own thread, as in the real plugin's sender
+    (``monitor.plugin.client``), so the load generator costs as little as the sidecar lets it."""
+    import grpc
+
+    from monitor.plugin.client import serialize_message
+
+    channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 1 << 28),
+                                                      ("grpc.max_receive_message_length", 1 << 28)])
+    stream = channel.stream_stream("/featurewatch.v1.Ingest/Stream", request_serializer=serialize_message,
+                                   response_deserializer=pb.SidecarMessage.FromString)
+    hello = pb.PluginMessage(hello=pb.Hello(model_name="bench", d_model=d, available_layers=[1], dtype=pb.FLOAT32,
+                                            plugin_version="bench", engine="0", max_tokens_per_step=8192))
+    sent = {"batches": 0, "bytes": 0}
+    start = time.perf_counter()
+
+    def requests():
+        yield hello
+        while time.perf_counter() - start < seconds:
+            sent["batches"] += 1
+            msg = make(sent["batches"])
+            sent["bytes"] += len(msg)
+            yield msg
+
+    for _ in stream(requests()):  # plan, acks; ends when the server closes after our half-close
+        pass
+    channel.close()
+    return {**sent, "seconds": time.perf_counter() - start}
+
+
 def sink_throughput(d: int, x: np.ndarray, seconds: float, n_requests: int, tmp: Path) -> dict:
     q = mp.Queue()
     sock = str(tmp / "sink.sock")
@@ -117,16 +150,8 @@ def sink_throughput(d: int, x: np.ndarray, seconds: float, n_requests: int, tmp:
     port = q.get(timeout=30)
     out = {}
     for name, address in (("unix", f"unix://{sock}"), ("tcp", f"127.0.0.1:{port}")):
-        client = PluginClient(address, d, layers=[1])
-        start, sent, step = time.perf_counter(), 0, 0
-        while time.perf_counter() - start < seconds:
-            step += 1
-            client.send(make_batch(step, x, n_requests))
-            sent += x.nbytes
-        client.half_close()  # the sink answers with its byte count once the stream ends
-        client.wait_for(lambda m: m.HasField("ack"), timeout=60)
-        out[name] = sent / (time.perf_counter() - start)
-        client.channel.close()
+        r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests))
+        out[name] = r["bytes"] / r["seconds"]
     proc.terminate()
     return out
 
@@ -143,7 +168,7 @@ def pipeline_only(config: dict, d: int, x: np.ndarray, n_requests: int, batches:
     torch.set_num_threads(1)
     cfg = SidecarConfig.model_validate({**config, "socket": None, "grpc_port": None, "metrics_port": None})
     sidecar = Sidecar(cfg)
-    msgs = [make_batch(i, x, n_requests, "inproc") for i in range(batches)]
+    msgs = [pb.PluginMessage.FromString(make_batch(i, x, n_requests, "inproc")) for i in range(batches)]
     start = time.perf_counter()
     for m in msgs:
         sidecar.pipeline.process(decode_batch(m.batch, d, {1}, 1 << 30, 1 << 20), None, lambda stream, directive: True)
@@ -173,28 +198,22 @@ def histogram_quantile(before: str, after: str, name: str, q: float) -> float:
 def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int) -> dict:
     phase = f"blast{time.monotonic_ns()}"
     before = sc.metrics()
-    client = PluginClient(address, d, layers=[1])
-    client.plan(timeout=30)
-    start, sent, step = time.perf_counter(), 0, 0
-    while time.perf_counter() - start < seconds:
-        step += 1
-        client.send(make_batch(step, x, n_requests, phase))
-        sent += x.nbytes
+    start = time.perf_counter()
+    r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase))
     # Wait for the queue to drain so "processed" counts everything accepted.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         text = sc.metrics()
         handled = metric(text, "featurewatch_batches_received_total") - metric(before, "featurewatch_batches_received_total")
-        if handled >= step and metric(text, "featurewatch_queue_depth", stage="encode") == 0:
+        if handled >= r["batches"] and metric(text, "featurewatch_queue_depth", stage="encode") == 0:
             break
         time.sleep(0.05)
     elapsed = time.perf_counter() - start
-    client.close()
     tokens = metric(text, "featurewatch_tokens_processed_total") - metric(before, "featurewatch_tokens_processed_total")
     accepted = metric(text, "featurewatch_received_bytes_total") - metric(before, "featurewatch_received_bytes_total")
     dropped = metric(text, "featurewatch_batches_dropped_total") - metric(before, "featurewatch_batches_dropped_total")
-    return {"sent_gbps": sent / elapsed / 1e9, "accepted_gbps": accepted / elapsed / 1e9, "tokens_per_s": tokens / elapsed,
-            "batches": step, "dropped": int(dropped)}
+    return {"sent_gbps": r["bytes"] / elapsed / 1e9, "accepted_gbps": accepted / elapsed / 1e9, "tokens_per_s": tokens / elapsed,
+            "batches": r["batches"], "dropped": int(dropped)}
 
 
 def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int) -> dict:
@@ -211,7 +230,7 @@ def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seco
     while time.perf_counter() - start < seconds:
         step += 1
         msg = make_batch(step, xp, n_requests, "latency", fresh_last=True)  # one verdict per batch
-        sent_at[msg.batch.request_ids[-1]] = time.perf_counter()
+        sent_at[f"latency-step{step}"] = time.perf_counter()
         client.send(msg)
         next_at = start + step * interval
         time.sleep(max(0.0, next_at - time.perf_counter()))

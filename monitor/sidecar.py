@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
+import queue
+import threading
+import time
+from concurrent.futures import Future
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -32,6 +35,65 @@ from monitor.stores.base import StoredRules
 log = logging.getLogger("featurewatch.sidecar")
 SCOPES = {"all": pb.TOKEN_SCOPE_ALL, "prompt": pb.TOKEN_SCOPE_PROMPT, "generated": pb.TOKEN_SCOPE_GENERATED}
 GRPC_MESSAGE_SLACK = 4 * 1024 * 1024
+
+
+class PipelineThread:
+    """The one thread the pipeline runs on, so per-request state needs no locks and verdicts keep
+    token order. The event loop hands items over through a thread-safe queue: no future and no
+    loop wake-up per batch (the handoff cost that starved the pipeline at full ingest)."""
+
+    _STOP = object()
+
+    def __init__(self, handle, done, init) -> None:
+        self._handle, self._done, self._init = handle, done, init
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending = 0  # items put and not yet handled (read by drain)
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="featurewatch-pipeline", daemon=True)
+        self._thread.start()
+
+    def put(self, stream, item) -> None:
+        with self._lock:
+            self._pending += 1
+        self._inbox.put((stream, item))
+
+    def call(self, fn) -> Future:
+        """Run ``fn()`` on the pipeline thread, after what is queued (housekeeping on its state)."""
+        future: Future = Future()
+        self.put(None, (fn, future))
+        return future
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def _run(self) -> None:
+        self._init()
+        while True:
+            stream, item = self._inbox.get()
+            if item is self._STOP:
+                return
+            try:
+                if isinstance(item, tuple):
+                    fn, future = item
+                    try:
+                        future.set_result(fn())
+                    except Exception as exc:
+                        future.set_exception(exc)
+                else:
+                    self._handle(stream, item)
+            except Exception:
+                log.exception("pipeline failed on an item; dropped")
+                self._done(item, failed=True)
+            else:
+                self._done(item, failed=False)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._inbox.put((None, self._STOP))
+        self._thread.join(timeout_s)
 
 
 def make_stores(config: SidecarConfig):
@@ -62,10 +124,10 @@ class Sidecar:
         self.pipeline = Pipeline(compile_rules("", self.dictionaries), self.requests, self.metrics, self.events,
                                  self.tracing, self.steering, config.model_name)
         self.streams: set[PluginStream] = set()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="featurewatch-pipeline", initializer=self._init_worker)
-        self._queue: asyncio.Queue | None = None
         self._queued_batches = 0
         self._queued_bytes = 0
+        self._queue_lock = threading.Lock()
+        self.worker = PipelineThread(self._handle, self._handled, self._init_worker)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._servers: list = []
@@ -213,35 +275,37 @@ class Sidecar:
 
     def enqueue_batch(self, stream: PluginStream, batch) -> bool:
         limits = self.config.limits
-        if self._queued_batches >= limits.queue_batches or self._queued_bytes + batch.nbytes > limits.queue_bytes:
+        with self._queue_lock:
+            if self._queued_batches >= limits.queue_batches or self._queued_bytes + batch.nbytes > limits.queue_bytes:
+                full = True
+            else:
+                full = False
+                self._queued_batches += 1
+                self._queued_bytes += batch.nbytes
+                depth = self._queued_batches
+        if full:
             self.metrics.batches_dropped.labels("queue_full").inc()
             return False
-        self._queued_batches += 1
-        self._queued_bytes += batch.nbytes
         self.metrics.bytes_received.labels(self.config.model_name).inc(batch.nbytes)
-        self._queue.put_nowait((stream, batch))
-        self.metrics.queue_depth.labels("encode").set(self._queued_batches)
+        self.metrics.queue_depth.labels("encode").set(depth)
+        self.worker.put(stream, batch)
         return True
 
     def submit(self, stream: PluginStream, msg: pb.PluginMessage) -> None:
         """Control messages share the batch queue so they stay ordered with the batches."""
-        self._queue.put_nowait((stream, msg))
+        self.worker.put(stream, msg)
 
-    async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            stream, item = await self._queue.get()
-            try:
-                await loop.run_in_executor(self._executor, self._handle, stream, item)
-            except Exception:
-                log.exception("pipeline failed on an item; dropped")
-                self.metrics.batches_dropped.labels("pipeline_error").inc()
-            finally:
-                if not isinstance(item, pb.PluginMessage):
-                    self._queued_batches -= 1
-                    self._queued_bytes -= item.nbytes
-                    self.metrics.queue_depth.labels("encode").set(self._queued_batches)
-                self._queue.task_done()
+    def _handled(self, item, failed: bool) -> None:
+        """Called on the pipeline thread after each item."""
+        if failed:
+            self.metrics.batches_dropped.labels("pipeline_error").inc()
+        if isinstance(item, (pb.PluginMessage, tuple)):
+            return
+        with self._queue_lock:
+            self._queued_batches -= 1
+            self._queued_bytes -= item.nbytes
+            depth = self._queued_batches
+        self.metrics.queue_depth.labels("encode").set(depth)
 
     def _handle(self, stream: PluginStream, item) -> None:
         if not isinstance(item, pb.PluginMessage):
@@ -279,14 +343,13 @@ class Sidecar:
     async def _housekeeping(self) -> None:
         while True:
             await asyncio.sleep(30)
-            expired = await asyncio.get_running_loop().run_in_executor(self._executor, self.requests.expire_idle)
+            expired = await asyncio.wrap_future(self.worker.call(self.requests.expire_idle))
             if expired:
                 self.metrics.requests_evicted.labels("idle").inc(expired)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._queue = asyncio.Queue()
         limit = self.config.limits.max_batch_bytes * 2 + GRPC_MESSAGE_SLACK
         options = [("grpc.max_receive_message_length", limit), ("grpc.max_send_message_length", limit)]
         servers = []
@@ -309,7 +372,6 @@ class Sidecar:
         if self.config.metrics_port is not None:
             self._metrics_server, _ = start_http_server(self.config.metrics_port, self.config.metrics_host, registry=self.metrics.registry)
             self.metrics_port = self._metrics_server.server_port
-        self._tasks.append(asyncio.create_task(self._work()))
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._export_store_counters()))
         if self.config.rules_file is not None:
@@ -327,13 +389,14 @@ class Sidecar:
     async def drain(self, timeout_s: float = 10.0) -> None:
         """Finish what is queued (SIGTERM): health goes NOT_SERVING first so probes see it."""
         await self.health.enter_graceful_shutdown()
-        try:
-            await asyncio.wait_for(self._queue.join(), timeout_s)
-        except asyncio.TimeoutError:
+        deadline = time.monotonic() + timeout_s
+        while self.worker.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self.worker.pending:
             log.warning("drain timed out with %d batches queued", self._queued_batches)
 
     async def stop(self, grace_s: float = 2.0) -> None:
-        if self._queue is not None:
+        if self._loop is not None:
             await self.drain(grace_s)
         for server in self._servers:
             await server.stop(grace_s)
@@ -341,9 +404,9 @@ class Sidecar:
             task.cancel()
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
+        self.worker.stop()
         self.events.close()
         self.tracing.shutdown()
-        self._executor.shutdown(wait=True)
         for store in (self.rule_store, self.event_store):
             store.close()
         if self.config.socket is not None and self.config.socket.exists():

@@ -137,7 +137,7 @@ def encode_batch(meta: bytes, tensor_head: bytes, data) -> bytes:
                      tensor_head, _TAG_3, _varint(n), data))
 
 
-def _serialize(m: pb.PluginMessage | bytes) -> bytes:
+def serialize_message(m: pb.PluginMessage | bytes) -> bytes:
     return m if isinstance(m, bytes) else m.SerializeToString()
 
 
@@ -273,7 +273,7 @@ class SidecarClient:
             # Ingest.Stream with a serializer that passes pre-encoded batches through
             stream = ch.stream_stream(
                 "/featurewatch.v1.Ingest/Stream",
-                request_serializer=_serialize,
+                request_serializer=serialize_message,
                 response_deserializer=pb.SidecarMessage.FromString,
             )
             done = threading.Event()

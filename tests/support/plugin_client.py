@@ -9,7 +9,8 @@ import time
 import grpc
 import numpy as np
 
-from monitor.protocol import pb, pb_grpc
+from monitor.plugin.client import serialize_message, encode_batch
+from monitor.protocol import pb
 
 MAX_MESSAGE = 256 * 1024 * 1024
 
@@ -28,7 +29,10 @@ class PluginClient:
         self._cond = threading.Condition()
         self._out.put(pb.PluginMessage(hello=pb.Hello(model_name=model_name, d_model=d_model, available_layers=list(layers),
                                                       dtype=dtype, plugin_version="test", engine=engine, max_tokens_per_step=8192)))
-        self._call = pb_grpc.IngestStub(self.channel).Stream(self._requests())
+        # bytes pass through as they are: batches pre-encoded the way the real plugin sends them
+        stream = self.channel.stream_stream("/featurewatch.v1.Ingest/Stream", request_serializer=serialize_message,
+                                            response_deserializer=pb.SidecarMessage.FromString)
+        self._call = stream(self._requests())
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.error: Exception | None = None
@@ -50,7 +54,7 @@ class PluginClient:
         except grpc.RpcError as exc:
             self.error = exc
 
-    def send(self, msg: pb.PluginMessage) -> None:
+    def send(self, msg: pb.PluginMessage | bytes) -> None:
         self._out.put(msg)
 
     def start_request(self, request_id: str, api_request_id: str = "", metadata=None, traceparent: str = "") -> None:
@@ -68,6 +72,16 @@ class PluginClient:
             activations=pb.Tensor(dtype=dtype, shape=list(activations.shape), data=activations.tobytes()),
             request_ids=list(request_ids), token_request_index=list(token_request), positions=list(positions),
             is_generated=list(generated), captured_unix_s=time.time()))
+
+    @staticmethod
+    def encoded_batch(step: int, layers, activations: np.ndarray, request_ids, token_request, positions, generated,
+                      dtype: int = pb.FLOAT32) -> bytes:
+        """The same batch as ``batch()``, wire-encoded by the real plugin's encoder (one copy of the data)."""
+        meta = pb.ActivationBatch(step=step, layers=list(layers), request_ids=list(request_ids),
+                                  token_request_index=list(token_request), positions=list(positions),
+                                  is_generated=list(generated), captured_unix_s=time.time()).SerializeToString()
+        head = pb.Tensor(dtype=dtype, shape=list(activations.shape)).SerializeToString()
+        return encode_batch(meta, head, memoryview(np.ascontiguousarray(activations)).cast("B"))
 
     def wait_for(self, predicate, timeout: float = 10.0) -> pb.SidecarMessage:
         deadline = time.monotonic() + timeout
