@@ -381,7 +381,7 @@ class Sidecar:
 
     def _server(self, options, ingest, admin, address):
         server = grpc.aio.server(options=options)
-        pb_grpc.add_IngestServicer_to_server(ingest, server)
+        server.add_generic_rpc_handlers((ingest.handler(),))
         pb_grpc.add_AdminServicer_to_server(admin, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         return server, address

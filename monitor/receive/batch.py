@@ -42,10 +42,15 @@ class DecodedBatch:
         return int(self.positions.shape[0])
 
 
-def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int], max_bytes: int, max_tokens: int) -> DecodedBatch:
-    """Validate shapes, dtypes, labels and limits; raise BatchRejected(reason, detail)."""
+def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int], max_bytes: int, max_tokens: int,
+                 data=None) -> DecodedBatch:
+    """Validate shapes, dtypes, labels and limits; raise BatchRejected(reason, detail).
+
+    ``data``: the activation bytes when the receiver kept them out of the message
+    (``monitor.receive.wire``); otherwise they are read from ``msg.activations.data``."""
     t = msg.activations
-    data = t.data  # each access to a protobuf bytes field copies it: read it once
+    if data is None:
+        data = t.data  # each access to a protobuf bytes field copies it: read it once
     nbytes = len(data)
     if nbytes > max_bytes:
         raise BatchRejected("oversized", f"{nbytes} bytes > limit {max_bytes}")

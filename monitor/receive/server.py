@@ -14,6 +14,7 @@ import grpc
 from monitor.evaluate.rules import RulesInvalid
 from monitor.protocol import pb, pb_grpc
 from monitor.receive.batch import BatchRejected, decode_batch
+from monitor.receive.wire import DecodeError, parse_plugin_message
 
 log = logging.getLogger(__name__)
 CREDIT_EVERY = 32
@@ -41,9 +42,19 @@ class IngestService(pb_grpc.IngestServicer):
         self.sidecar = sidecar
         self._ids = itertools.count(1)
 
+    def handler(self) -> grpc.GenericRpcHandler:
+        """Ingest.Stream receiving raw bytes, parsed by :func:`parse_plugin_message` (no copy of the
+        activations) instead of the generated deserializer."""
+        return grpc.method_handlers_generic_handler("featurewatch.v1.Ingest", {
+            "Stream": grpc.stream_stream_rpc_method_handler(
+                self.Stream, request_deserializer=None, response_serializer=pb.SidecarMessage.SerializeToString)})
+
     async def Stream(self, request_iterator, context):
         sc = self.sidecar
-        first = await request_iterator.__anext__()
+        try:
+            first, _ = parse_plugin_message(await request_iterator.__anext__())
+        except DecodeError:
+            first = pb.PluginMessage()
         if first.WhichOneof("kind") != "hello":
             sc.metrics.batches_dropped.labels("no_hello").inc()
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "first message on the stream must be Hello")
@@ -68,10 +79,16 @@ class IngestService(pb_grpc.IngestServicer):
     async def _read(self, request_iterator, stream: PluginStream) -> None:
         sc = self.sidecar
         try:
-            async for msg in request_iterator:
+            async for raw in request_iterator:
+                try:
+                    msg, data = parse_plugin_message(raw)
+                except DecodeError as exc:
+                    sc.metrics.batches_dropped.labels("malformed").inc()
+                    log.debug("undecodable message (%d bytes) on stream %d: %s", len(raw), stream.id, exc)
+                    continue
                 kind = msg.WhichOneof("kind")
                 if kind == "batch":
-                    self._batch(msg.batch, stream)
+                    self._batch(msg.batch, stream, data)
                 elif kind in ("request_start", "request_finish", "stats"):
                     sc.submit(stream, msg)
                 elif kind == "hello":
@@ -83,14 +100,14 @@ class IngestService(pb_grpc.IngestServicer):
             log.info("plugin stream %d ended: %s", stream.id, exc)
             sc.metrics.batches_dropped.labels("transport").inc()
 
-    def _batch(self, msg: pb.ActivationBatch, stream: PluginStream) -> None:
+    def _batch(self, msg: pb.ActivationBatch, stream: PluginStream, data=None) -> None:
         sc = self.sidecar
         stream.received += 1
         sc.metrics.batches_received.labels(sc.config.model_name, stream.engine).inc()
         limits = sc.config.limits
         try:
             batch = decode_batch(msg, stream.hello.d_model, stream.allowed_layers, limits.max_batch_bytes,
-                                 limits.max_tokens_per_batch)
+                                 limits.max_tokens_per_batch, data)
         except BatchRejected as exc:
             sc.metrics.batches_dropped.labels(exc.reason).inc()
             log.debug("rejected batch %d from stream %d: %s", msg.step, stream.id, exc)

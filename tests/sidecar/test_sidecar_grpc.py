@@ -123,6 +123,7 @@ def test_malformed_and_oversized_batches_are_rejected_counted_and_the_stream_goe
         bad_shape = PluginClient.batch(10, [1], good, ["r"], [0, 0], [0, 1], [True, True])
         bad_shape.batch.activations.data = bad_shape.batch.activations.data[:-4]
         client.send(bad_shape)
+        client.send(b"\x12\xff\xff\xff\xff\x0f")  # not protobuf at all: a batch field longer than the message
         client.send(PluginClient.batch(11, [1], good, ["r"], [0, 5], [0, 1], [True, True]))  # request index out of range
         client.send(PluginClient.batch(12, [7], good, ["r"], [0, 0], [0, 1], [True, True]))  # layer not in the plan
         huge = np.zeros((1, 4096, D), np.float32)  # 1 MiB > the 512 KiB limit this sidecar runs with
@@ -141,7 +142,7 @@ def test_malformed_and_oversized_batches_are_rejected_counted_and_the_stream_goe
             time.sleep(0.1)
         else:
             pytest.fail("the valid batch after the bad ones was not processed")
-        for reason, n in (("malformed", 2), ("unknown_layer", 1), ("oversized", 1)):
+        for reason, n in (("malformed", 3), ("unknown_layer", 1), ("oversized", 1)):
             assert metric_value(after, "featurewatch_batches_dropped_total", reason=reason) - \
                 metric_value(before, "featurewatch_batches_dropped_total", reason=reason) == n, reason
         assert sidecar.proc.poll() is None
