@@ -157,21 +157,23 @@ def sink_throughput(d: int, x: np.ndarray, seconds: float, n_requests: int, tmp:
 
 
 def pipeline_only(config: dict, d: int, x: np.ndarray, n_requests: int, batches: int = 200) -> float:
-    """Tokens/s of decode + encode + evaluate + export on one thread, no transport (the ceiling of
-    the sidecar's single pipeline thread)."""
+    """Tokens/s of parse + decode + encode + evaluate + export on one thread, no transport (the
+    ceiling of the sidecar's single pipeline thread)."""
     import torch
 
     from monitor.config import SidecarConfig
     from monitor.receive.batch import decode_batch
+    from monitor.receive.wire import parse_plugin_message
     from monitor.sidecar import Sidecar
 
     torch.set_num_threads(1)
     cfg = SidecarConfig.model_validate({**config, "socket": None, "grpc_port": None, "metrics_port": None})
     sidecar = Sidecar(cfg)
-    msgs = [pb.PluginMessage.FromString(make_batch(i, x, n_requests, "inproc")) for i in range(batches)]
+    raw = [make_batch(i, x, n_requests, "inproc") for i in range(batches)]
     start = time.perf_counter()
-    for m in msgs:
-        sidecar.pipeline.process(decode_batch(m.batch, d, {1}, 1 << 30, 1 << 20), None, lambda stream, directive: True)
+    for r in raw:
+        m, data = parse_plugin_message(r)
+        sidecar.pipeline.process(decode_batch(m.batch, d, {1}, 1 << 30, 1 << 20, data), None, lambda stream, directive: True)
     elapsed = time.perf_counter() - start
     sidecar.events.close()
     return batches * x.shape[1] / elapsed

@@ -101,6 +101,18 @@ class ProbeBank:
         """[N, P] calibrated probabilities, float32."""
         return torch.sigmoid_(self.logits(x))
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(W [d_in, P], c [P])`` with raw logits ``x·W + c`` (mean/scale folded in), so the
+        sidecar can stack the bank with a layer's SAE watches into one product; None off CPU."""
+        return (self._W, self._b) if self.device.type == "cpu" else None
+
+    @torch.no_grad()
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """Probabilities from raw logits of :meth:`affine`, in place: Platt then sigmoid."""
+        if self.calibrated:
+            z.mul_(self._a).add_(self._pb)
+        return torch.sigmoid_(z)
+
     def decide(self, probabilities: torch.Tensor) -> torch.Tensor:
         """Bool [N, P]: probability ≥ each probe's threshold (0.5 where the file sets none)."""
         t = self.threshold if self.threshold is not None else torch.full((self.n_probes,), 0.5, device=self.device)

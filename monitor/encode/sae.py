@@ -97,6 +97,26 @@ class Watch:
     def __len__(self) -> int:
         return int(self.features.numel())
 
+    def affine(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(W [d_in, M], c [M])`` float32 with pre-activations ``z = x·W + c`` for raw inputs x,
+        so a caller can stack several encoders of one layer into a single product and finish
+        with :meth:`activate`. None where that does not hold: input normalisation (not affine),
+        no subset encode (TopK), hook_z inputs, or a non-float32 / non-CPU SAE."""
+        sae = self.sae
+        if (not self.exact_subset or sae.normalize != "none" or sae.hook_z or sae.dtype != torch.float32
+                or sae.device.type != "cpu"):
+            return None
+        W = self._cols["W"]
+        c = self._cols["b"] if "b" in self._cols else torch.zeros(W.shape[1], dtype=W.dtype)
+        if sae.apply_b_dec_to_input:
+            c = c - sae.b_dec @ W
+        return W, c
+
+    @torch.no_grad()
+    def activate(self, z: torch.Tensor) -> torch.Tensor:
+        """Watched activations from pre-activations ``x·W + c`` of :meth:`affine` (may reuse z)."""
+        return self.sae._activate(z, self._cols)
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         sae = self.sae
@@ -239,6 +259,11 @@ class SAE:
         """Activations from the SAE input u = normalise(x) − b_dec."""
         raise NotImplementedError
 
+    def _activate(self, z: torch.Tensor, cols: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Activations from the pre-activations z = u·W + cols.get("b", 0) (may work in place):
+        the part of ``_apply`` after the product, for encoders that share one product."""
+        raise NotImplementedError
+
     def _decoder_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Effective decoder rows [M, d_in] (what one unit of each feature adds), float32."""
         return self.W_dec.index_select(0, idx).float()
@@ -368,7 +393,10 @@ class StandardSAE(SAE):
         }
 
     def _apply(self, u, cols):
-        return torch.addmm(cols["b"], u, cols["W"]).relu_()
+        return self._activate(torch.addmm(cols["b"], u, cols["W"]), cols)
+
+    def _activate(self, z, cols):
+        return z.relu_()
 
     def _clamp_params(self, i):
         col = self.W_enc[:, i].float().cpu()
@@ -400,11 +428,10 @@ class JumpReLUSAE(StandardSAE):
         cols["t32"] = self._t if idx is None else self._t.index_select(0, idx).contiguous()
         return cols
 
-    def _apply(self, u, cols):
-        pre = torch.addmm(cols["b"], u, cols["W"])
-        # 1[pre > t] as sign(max(pre − t, 0)): exact (IEEE: a − b > 0 iff a > b) and, on CPU,
+    def _activate(self, z, cols):
+        # 1[z > t] as sign(max(z − t, 0)): exact (IEEE: a − b > 0 iff a > b) and, on CPU,
         # about twice as fast as building and multiplying by a bool mask.
-        return pre.mul_((pre - cols["t32"]).clamp_(min=0).sign_())
+        return z.mul_((z - cols["t32"]).clamp_(min=0).sign_())
 
     def _clamp_params(self, i):
         p = super()._clamp_params(i)
@@ -438,7 +465,9 @@ class GatedSAE(SAE):
         }
 
     def _apply(self, u, cols):
-        h = u @ cols["W"]
+        return self._activate(u @ cols["W"], cols)
+
+    def _activate(self, h, cols):
         gate = (h + cols["b_gate"]).clamp_(min=0).sign_()  # 1[h + b_gate > 0], as in JumpReLU
         return torch.addcmul(cols["b_mag"], h, cols["scale"]).relu_().mul_(gate)
 

@@ -54,19 +54,52 @@ class Dictionaries:
 
 @dataclass
 class LayerSignals:
-    """What to compute on one layer: watched features per SAE and every probe of each bank."""
+    """What to compute on one layer: watched features per SAE and every probe of each bank.
+
+    Where every encoder of the layer is an affine map followed by an activation (the usual case:
+    ReLU/JumpReLU/gated watches without input normalisation, probe banks), their weights are
+    stacked and the layer costs one [N, d] x [d, M + P] product: the activations, which do not
+    fit in cache, are read once instead of once per encoder."""
 
     layer: int
     columns: list[SignalKey] = field(default_factory=list)
-    _parts: list = field(default_factory=list)  # (callable x -> [N, k], width)
+    _parts: list = field(default_factory=list)  # encoders: Watch or ProbeBank (affine/activate), in column order
+    _stacked: tuple | None = None  # (W [d, K], c [K]) when every part is affine
+
+    def add(self, encoder, keys: list[SignalKey]) -> None:
+        self._parts.append((encoder, len(keys)))
+        self.columns.extend(keys)
+        affines = [enc.affine() for enc, _ in self._parts]
+        self._stacked = None
+        if all(a is not None for a in affines):
+            self._stacked = (torch.cat([w for w, _ in affines], dim=1).contiguous(), torch.cat([c for _, c in affines]))
+
+    @property
+    def stacked(self) -> bool:
+        return self._stacked is not None
 
     def compute(self, x: torch.Tensor) -> np.ndarray:
         """[N, d] activations -> [N, len(columns)] float32 signals."""
         if not self._parts:
             return np.zeros((x.shape[0], 0), dtype=np.float32)
-        blocks = [fn(x) for fn, _ in self._parts]
+        if self._stacked is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            with torch.no_grad():
+                z = torch.addmm(self._stacked[1], x.reshape(-1, x.shape[-1]), self._stacked[0])
+                start = 0
+                for encoder, width in self._parts:
+                    view = z[:, start:start + width]
+                    out = encoder.activate(view)
+                    if out is not view:
+                        view.copy_(out)
+                    start += width
+            return z.numpy()
+        blocks = [self._evaluate(encoder, x) for encoder, _ in self._parts]
         out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
         return out.detach().to("cpu", torch.float32).numpy()
+
+    @staticmethod
+    def _evaluate(encoder, x: torch.Tensor) -> torch.Tensor:
+        return encoder.score(x) if hasattr(encoder, "score") else encoder(x)
 
 
 class EncodeStage:
@@ -81,14 +114,10 @@ class EncodeStage:
             layer = dictionaries.layer_of(source)
             plan = self.layers.setdefault(layer, LayerSignals(layer))
             if source in dictionaries.saes:
-                features = [k.feature for k in keys]
-                watch = dictionaries.saes[source].watch(features)
-                plan._parts.append((watch, len(features)))
-                plan.columns.extend(keys)
+                plan.add(dictionaries.saes[source].watch([k.feature for k in keys]), keys)
             else:
                 bank = dictionaries.probes[source]
-                plan._parts.append((bank.score, len(bank.names)))
-                plan.columns.extend(SignalKey(source, probe=name) for name in bank.names)
+                plan.add(bank, [SignalKey(source, probe=name) for name in bank.names])
 
     def column(self, key: SignalKey) -> tuple[int, int]:
         for layer, plan in self.layers.items():
