@@ -1,11 +1,13 @@
 """Ingest benchmark: sustained throughput and token-to-alert latency through the real sidecar.
 
-    python bench/ingest.py [--d 2304] [--d-sae 16384] [--seconds 8] [--tokens 256]
+    python bench/ingest.py [--d 2304] [--d-sae 16384] [--tokens 256] [--dtype fp32|bf16] [--rounds 3] [--seconds 4]
 
-One run, side by side (this machine is shared and noisy, so compare within a run):
+One run, side by side (this machine is shared and noisy, so compare within a run); batches are
+wire-encoded by the real plugin's encoder and sent from a generator as the plugin's sender does:
   1. a null gRPC sink (same proto, same socket kinds) that only counts bytes: the transport ceiling;
   2. the real `featurewatch serve` process (SAE subset encode + probes + rules) over its Unix socket
      and over TCP loopback, open loop at full speed: accepted GB/s, processed tokens/s, drops;
+     1 and 2 alternate for --rounds rounds and the medians are reported;
   3. latency at nominal load (a fixed fraction of the measured capacity), with a planted feature in
      every batch: client-side send -> steering directive received (p50/p99), and the sidecar's own
      featurewatch_token_to_verdict_seconds histogram.
@@ -17,6 +19,7 @@ import argparse
 import asyncio
 import json
 import multiprocessing as mp
+import os
 import sys
 import tempfile
 import time
@@ -26,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from monitor.protocol import pb, pb_grpc  # noqa: E402
+from monitor.protocol import pb  # noqa: E402
 from tests.support.dictionaries import PLANTED_FEATURE, planted_direction  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
 from tests.support.sidecar import SidecarProcess, free_port, metric_value as metric  # noqa: E402
@@ -70,6 +73,18 @@ RULES = "rules:\n" + "".join(
 """
 
 
+WIRE_DTYPES = {"fp32": pb.FLOAT32, "bf16": pb.BFLOAT16}
+
+
+def on_the_wire(x: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 activations as the plugin would send them (bf16: the raw 16-bit patterns)."""
+    if dtype == "fp32":
+        return x
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy()
+
+
 def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps_per_request: int = 64,
                fresh_last: bool = False) -> bytes:
     """One model step: `n_requests` requests, each with an equal share of the step's tokens.
@@ -84,23 +99,26 @@ def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps
     if fresh_last:
         rids[-1] = f"{phase}-step{step}"
     positions = offset * per + np.tile(np.arange(per), n_requests)
-    return PluginClient.encoded_batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n)
+    dtype = pb.FLOAT32 if x.dtype == np.float32 else pb.BFLOAT16
+    return PluginClient.encoded_batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n,
+                                      dtype=dtype)
 
 
 def run_sink(port_q, socket_path: str) -> None:
-    """A null Ingest server: receive, count, discard (the transport ceiling)."""
+    """A null Ingest server: receive the raw messages, count their bytes, discard (the transport
+    ceiling: gRPC's own cost of moving the bytes, without any of featurewatch's)."""
     import grpc
 
-    class Sink(pb_grpc.IngestServicer):
-        async def Stream(self, request_iterator, context):
-            n = 0
-            async for msg in request_iterator:
-                n += len(msg.batch.activations.data)
-            yield pb.SidecarMessage(ack=pb.Ack(step=n))
+    async def stream(request_iterator, context):
+        n = 0
+        async for raw in request_iterator:
+            n += len(raw)
+        yield pb.SidecarMessage(ack=pb.Ack(step=n))
 
     async def main():
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 28)])
-        pb_grpc.add_IngestServicer_to_server(Sink(), server)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("featurewatch.v1.Ingest", {
+            "Stream": grpc.stream_stream_rpc_method_handler(stream, response_serializer=pb.SidecarMessage.SerializeToString)}),))
         port = server.add_insecure_port("127.0.0.1:0")
         server.add_insecure_port(f"unix:{socket_path}")
         await server.start()
@@ -142,18 +160,31 @@ def blast(address: str, d: int, seconds: float, make) -> dict:
     return {**sent, "seconds": time.perf_counter() - start}
 
 
-def sink_throughput(d: int, x: np.ndarray, seconds: float, n_requests: int, tmp: Path) -> dict:
-    q = mp.Queue()
-    sock = str(tmp / "sink.sock")
-    proc = mp.Process(target=run_sink, args=(q, sock), daemon=True)
-    proc.start()
-    port = q.get(timeout=30)
-    out = {}
-    for name, address in (("unix", f"unix://{sock}"), ("tcp", f"127.0.0.1:{port}")):
-        r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests))
-        out[name] = r["bytes"] / r["seconds"]
-    proc.terminate()
-    return out
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Sink:
+    """The null server in its own process, on a Unix socket and a TCP port."""
+
+    def __init__(self, tmp: Path) -> None:
+        q = mp.Queue()
+        sock = str(tmp / "sink.sock")
+        self.proc = mp.Process(target=run_sink, args=(q, sock), daemon=True)
+        self.proc.start()
+        port = q.get(timeout=30)
+        self.addresses = {"unix": f"unix://{sock}", "tcp": f"127.0.0.1:{port}"}
+
+    def throughput(self, path: str, d: int, x: np.ndarray, seconds: float, n_requests: int) -> tuple[float, float]:
+        """(bytes/s, CPU-seconds of the sink per GB)."""
+        cpu = cpu_seconds(self.proc.pid)
+        r = blast(self.addresses[path], d, seconds, lambda step: make_batch(step, x, n_requests))
+        return r["bytes"] / r["seconds"], (cpu_seconds(self.proc.pid) - cpu) / (r["bytes"] / 1e9)
+
+    def close(self) -> None:
+        self.proc.terminate()
 
 
 def pipeline_only(config: dict, d: int, x: np.ndarray, n_requests: int, batches: int = 200) -> float:
@@ -200,6 +231,7 @@ def histogram_quantile(before: str, after: str, name: str, q: float) -> float:
 def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int) -> dict:
     phase = f"blast{time.monotonic_ns()}"
     before = sc.metrics()
+    cpu = cpu_seconds(sc.proc.pid)
     start = time.perf_counter()
     r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase))
     # Wait for the queue to drain so "processed" counts everything accepted.
@@ -211,20 +243,23 @@ def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, 
             break
         time.sleep(0.05)
     elapsed = time.perf_counter() - start
+    cpu = cpu_seconds(sc.proc.pid) - cpu
     tokens = metric(text, "featurewatch_tokens_processed_total") - metric(before, "featurewatch_tokens_processed_total")
     accepted = metric(text, "featurewatch_received_bytes_total") - metric(before, "featurewatch_received_bytes_total")
     dropped = metric(text, "featurewatch_batches_dropped_total") - metric(before, "featurewatch_batches_dropped_total")
     return {"sent_gbps": r["bytes"] / elapsed / 1e9, "accepted_gbps": accepted / elapsed / 1e9, "tokens_per_s": tokens / elapsed,
-            "batches": r["batches"], "dropped": int(dropped)}
+            "batches": r["batches"], "dropped": int(dropped), "cpu_s_per_gb": cpu / (accepted / 1e9)}
 
 
-def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int) -> dict:
+def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int,
+            wire: str = "fp32") -> dict:
     """Paced load with a planted generated token in every batch; time send -> directive back."""
     before = sc.metrics()
     client = PluginClient(sc.socket_address, d, layers=[1])
     client.plan(timeout=30)
     xp = x.copy()
     xp[0, -1] += 10 * planted_direction(d)  # the last token of the last request of every batch
+    xp = on_the_wire(xp, wire)
     interval = x.shape[1] / tokens_per_s
     sent_at: dict[str, float] = {}
     start = time.perf_counter()
@@ -256,17 +291,18 @@ def main() -> None:
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--tokens", type=int, default=256, help="tokens per batch (one model step)")
     ap.add_argument("--requests", type=int, default=16, help="requests per batch")
-    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--seconds", type=float, default=4.0, help="per phase")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved sink/sidecar rounds (medians reported)")
+    ap.add_argument("--dtype", choices=sorted(WIRE_DTYPES), default="fp32", help="activation dtype on the wire")
     ap.add_argument("--nominal", type=float, default=0.5, help="latency phase load as a fraction of measured capacity")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fw-bench-"))
-    x = (np.random.default_rng(2).standard_normal((1, args.tokens, args.d)) * 0.05).astype(np.float32)
+    x32 = (np.random.default_rng(2).standard_normal((1, args.tokens, args.d)) * 0.05).astype(np.float32)
+    x = on_the_wire(x32, args.dtype)
     mb = x.nbytes / 2**20
-    print(f"# featurewatch ingest bench: d={args.d} d_sae={args.d_sae} batch={args.tokens} tokens ({mb:.2f} MiB fp32), "
-          f"{args.requests} requests/batch, {args.seconds:.0f}s per phase")
-    sink = sink_throughput(args.d, x, args.seconds, args.requests, tmp)
-
+    print(f"# featurewatch ingest bench: d={args.d} d_sae={args.d_sae} batch={args.tokens} tokens ({mb:.2f} MiB {args.dtype}), "
+          f"{args.requests} requests/batch, {args.rounds} rounds of {args.seconds:.0f}s per phase")
     sae = write_bench_sae(tmp / "sae", args.d, args.d_sae)
     probes = write_bench_probes(tmp / "probes.safetensors", args.d)
     (tmp / "rules.yaml").write_text(RULES)
@@ -275,23 +311,40 @@ def main() -> None:
               "sources": [{"name": "sae", "kind": "sae", "layer": 1, "path": str(sae)},
                           {"name": "probes", "kind": "probes", "layer": 1, "path": str(probes)}]}
     inproc = pipeline_only(config, args.d, x, args.requests)
+    sink = Sink(tmp)
+    paths = ("unix", "tcp")
+    rounds = []
     with SidecarProcess(tmp, config) as sc:
-        results = {name: sidecar_throughput(sc, address, args.d, x, args.seconds, args.requests)
-                   for name, address in (("unix", sc.socket_address), ("tcp", sc.tcp_address))}
-        capacity = results["unix"]["tokens_per_s"]
-        lat = latency(sc, args.d, x, capacity * args.nominal, args.seconds, args.requests)
+        addresses = {"unix": sc.socket_address, "tcp": sc.tcp_address}
+        for _ in range(args.rounds):  # interleaved, so drifts in machine load hit both sides alike
+            row = {}
+            for path in paths:
+                row[f"sink_{path}"], row[f"sink_cpu_{path}"] = sink.throughput(path, args.d, x, args.seconds, args.requests)
+                row[path] = sidecar_throughput(sc, addresses[path], args.d, x, args.seconds, args.requests)
+            rounds.append(row)
+        capacity = float(np.median([r["unix"]["tokens_per_s"] for r in rounds]))
+        lat = latency(sc, args.d, x32, capacity * args.nominal, args.seconds, args.requests, args.dtype)
+    sink.close()
 
-    print(f"\n{'path':<6} {'sink GB/s':>10} {'sidecar accepted GB/s':>22} {'ratio':>6} {'tokens/s':>10} {'dropped':>8}")
-    for name in ("unix", "tcp"):
-        r = results[name]
-        print(f"{name:<6} {sink[name] / 1e9:>10.2f} {r['accepted_gbps']:>22.2f} {r['accepted_gbps'] * 1e9 / sink[name]:>6.2f} "
-              f"{r['tokens_per_s']:>10.0f} {r['dropped']:>5}/{r['batches']}")
-    print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * 4 / 1e9:.2f} GB/s fp32; "
-          f"the unix-socket sidecar reached {results['unix']['tokens_per_s'] / inproc:.2f} of it")
+    print(f"\n{'round':<6} {'path':<5} {'sink GB/s':>10} {'sidecar accepted GB/s':>22} {'ratio':>6} {'tokens/s':>10} "
+          f"{'dropped':>10} {'CPU s/GB sink':>14} {'sidecar':>8}")
+    for i, row in enumerate(rounds, 1):
+        for path in paths:
+            r, ceiling = row[path], row[f"sink_{path}"]
+            print(f"{i:<6} {path:<5} {ceiling / 1e9:>10.2f} {r['accepted_gbps']:>22.2f} {r['accepted_gbps'] * 1e9 / ceiling:>6.2f} "
+                  f"{r['tokens_per_s']:>10.0f} {r['dropped']:>5}/{r['batches']:<4} {row[f'sink_cpu_{path}']:>14.2f} {r['cpu_s_per_gb']:>8.2f}")
+    for path in paths:
+        med = lambda f: float(np.median([f(row) for row in rounds]))  # noqa: E731
+        print(f"median {path:<5} {med(lambda r: r[f'sink_{path}']) / 1e9:>10.2f} {med(lambda r: r[path]['accepted_gbps']):>22.2f} "
+              f"{med(lambda r: r[path]['accepted_gbps'] * 1e9 / r[f'sink_{path}']):>6.2f} {med(lambda r: r[path]['tokens_per_s']):>10.0f} "
+              f"{'':>10} {med(lambda r: r[f'sink_cpu_{path}']):>14.2f} {med(lambda r: r[path]['cpu_s_per_gb']):>8.2f}")
+    print("CPU s/GB: CPU-seconds the receiving process spent per GB accepted (1 / the GB/s one core would carry);"
+          " less sensitive to other load on the machine than GB/s")
+    print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * x.itemsize / 1e9:.2f} GB/s {args.dtype}; "
+          f"the unix-socket sidecar reached {capacity / inproc:.2f} of it (median)")
     print(f"\nlatency at {args.nominal:.0%} of capacity ({lat['offered_tokens_per_s']:.0f} tokens/s, unix socket): "
           f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
           f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
-
 
 if __name__ == "__main__":
     main()
