@@ -60,6 +60,9 @@ class PipelineThread:
     def call(self, fn) -> Future:
         """Run ``fn()`` on the pipeline thread, after what is queued (housekeeping on its state)."""
         future: Future = Future()
+        if threading.current_thread() is self._thread:
+            future.set_result(fn())
+            return future
         self.put(None, (fn, future))
         return future
 
@@ -182,7 +185,8 @@ class Sidecar:
             log.error("rules v%d rejected, keeping v%d:\n%s", stored.version, self.rules.version, exc)
             self.events.emit("rules", version=stored.version, author=stored.author, action="rejected", error=str(exc))
             return False
-        self.pipeline.swap_rules(compiled)
+        # on the pipeline thread, between two batches: the per-request state is resized there
+        self.worker.call(lambda: self.pipeline.swap_rules(compiled)).result()
         self.metrics.rule_reloads.labels("ok").inc()
         log.info("rules v%d in force: %d rules, %d policies", stored.version, len(compiled.rules), len(compiled.policies))
         if self._loop is not None:  # layers, policies or version changed: every plugin gets the new plan
