@@ -5,9 +5,11 @@
 Per planted concept (competitor, pii), on corpus documents and prompts the build never saw
 (corpus seeds from the manifest's ``quality_bench_from`` on):
 
-- detection: token-level and document-level (max over tokens) AUROC of the manifest's best SAE
-  feature and of the concept probe; the probe's TPR and FPR at its shipped threshold (set at
-  1 % FPR on benign build-time text), measured on held-out tokens;
+- detection: AUROC of the manifest's best SAE feature (chosen by the build on its own validation
+  text) and of the concept probe, per token (a token inside a mention vs every other token) and
+  per document (max over the document's tokens vs the document's label: rules alert once per
+  request); the probe's TPR and FPR at its shipped threshold (set by the build at 1 % FPR on
+  benign calibration documents, per document), measured on held-out documents and tokens;
 - suppression steering with HF transformers: a forward hook on the SAE's layer applies the SAE
   clamp ``x' = x + (0 - f_i(x)) W_dec[i]`` (``monitor.encode`` ``SAE.clamp``, error term kept) for
   the manifest's steering features at every position; concept emission rate in sampled
@@ -51,7 +53,7 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
     docs = C.generate(n_docs, base_seed)
     x, y, doc_idx = B.token_dataset(tok, model, docs, layer)
     benign = C.concept_free(n_docs // 2, base_seed + 1)
-    xb, _, _ = B.token_dataset(tok, model, benign, layer)
+    xb, _, db = B.token_dataset(tok, model, benign, layer)
     f_all = sae.encode(x)
     ps = _probe_scores(probes, x).numpy()
     pb = _probe_scores(probes, xb).numpy()
@@ -80,6 +82,9 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
             "probe_threshold": thr,
             "probe_token_tpr": float((ps[y[c], pi] >= thr).mean()),
             "probe_token_fpr_benign": float((pb[:, pi] >= thr).mean()),
+            "probe_doc_tpr": float((B.doc_max(ps[:, pi], doc_idx, len(docs))[doc_labels]
+                                    >= thr).mean()),
+            "probe_doc_fpr_benign": float((B.doc_max(pb[:, pi], db, len(benign)) >= thr).mean()),
             "positive_tokens": int(y[c].sum()),
             "positive_docs": int(doc_labels.sum()),
         }
@@ -116,51 +121,54 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
 
 
 def _ok(v: float, goal: float, higher: bool = True) -> str:
-    return "ok" if (v >= goal if higher else v <= goal) else "MISS"
+    return "met" if (v >= goal if higher else v <= goal) else "**not met**"
+
+
+def table_rows(res: dict) -> list[tuple[str, str, str, str, str]]:
+    rows = []
+    for c, r in res["concepts"].items():
+        g = GOALS
+        rows += [
+            (c, f"SAE feature {r['feature']}: AUROC per token", f"{r['feature_token_auroc']:.4f}",
+             f">= {g['auroc']}", _ok(r["feature_token_auroc"], g["auroc"])),
+            (c, f"SAE feature {r['feature']}: AUROC per document (max)",
+             f"{r['feature_doc_auroc']:.4f}", f">= {g['auroc']}",
+             _ok(r["feature_doc_auroc"], g["auroc"])),
+            (c, "probe: AUROC per token", f"{r['probe_token_auroc']:.4f}", f">= {g['auroc']}",
+             _ok(r["probe_token_auroc"], g["auroc"])),
+            (c, "probe: AUROC per document (max)", f"{r['probe_doc_auroc']:.4f}",
+             f">= {g['auroc']}", _ok(r["probe_doc_auroc"], g["auroc"])),
+            (c, f"probe at threshold {r['probe_threshold']:.3g}: TPR / FPR per document",
+             f"{r['probe_doc_tpr']:.3f} / {r['probe_doc_fpr_benign']:.4f}", "FPR ~0.01", ""),
+            (c, "probe at threshold: TPR / FPR per token",
+             f"{r['probe_token_tpr']:.3f} / {r['probe_token_fpr_benign']:.4f}", "", ""),
+            (c, f"emission rate without / with clamp {r['steer_features']}",
+             f"{r['emission_base']:.3f} / {r['emission_clamped']:.3f}", "", ""),
+            (c, "emission reduction", f"{100 * r['emission_reduction']:.1f} %",
+             f">= {100 * g['reduction']:.0f} %", _ok(r["emission_reduction"], g["reduction"])),
+            (c, "perplexity on concept-free text without / with clamp",
+             f"{res['ppl_base']:.4f} / {r['ppl_clamped']:.4f}", "", ""),
+            (c, "perplexity rise", f"{100 * r['ppl_rise']:+.2f} %",
+             f"<= {100 * g['ppl_rise']:.0f} %", _ok(r["ppl_rise"], g["ppl_rise"], higher=False)),
+            (c, f"(info) best feature on this held-out text: {r['oracle_feature']}, AUROC per "
+                "token", f"{r['oracle_feature_token_auroc']:.4f}", "", ""),
+        ]
+    return rows
 
 
 def print_table(res: dict, command: str) -> None:
-    rows = []
-    for c, r in res["concepts"].items():
-        rows += [
-            (c, f"SAE feature {r['feature']} token AUROC", f"{r['feature_token_auroc']:.4f}",
-             f">= {GOALS['auroc']}", _ok(r["feature_token_auroc"], GOALS["auroc"])),
-            (c, f"SAE feature {r['feature']} doc AUROC (max)", f"{r['feature_doc_auroc']:.4f}",
-             f">= {GOALS['auroc']}", _ok(r["feature_doc_auroc"], GOALS["auroc"])),
-            (c, f"probe '{r['probe']}' token AUROC", f"{r['probe_token_auroc']:.4f}",
-             f">= {GOALS['auroc']}", _ok(r["probe_token_auroc"], GOALS["auroc"])),
-            (c, f"probe '{r['probe']}' doc AUROC (max)", f"{r['probe_doc_auroc']:.4f}",
-             f">= {GOALS['auroc']}", _ok(r["probe_doc_auroc"], GOALS["auroc"])),
-            (c, f"probe TPR @ thr {r['probe_threshold']:.3f} (token)",
-             f"{r['probe_token_tpr']:.3f}", "", ""),
-            (c, "probe FPR @ thr on benign tokens", f"{r['probe_token_fpr_benign']:.4f}",
-             "~0.01", ""),
-            (c, f"emission rate, no clamp / clamp {r['steer_features']}",
-             f"{r['emission_base']:.3f} / {r['emission_clamped']:.3f}", "", ""),
-            (c, "emission reduction", f"{100 * r['emission_reduction']:.1f} %",
-             f">= {100 * GOALS['reduction']:.0f} %",
-             _ok(r["emission_reduction"], GOALS["reduction"])),
-            (c, "perplexity concept-free, no clamp / clamp",
-             f"{res['ppl_base']:.4f} / {r['ppl_clamped']:.4f}", "", ""),
-            (c, "perplexity rise", f"{100 * r['ppl_rise']:+.2f} %",
-             f"<= {100 * GOALS['ppl_rise']:.0f} %",
-             _ok(r["ppl_rise"], GOALS["ppl_rise"], higher=False)),
-            (c, f"(info) best held-out feature {r['oracle_feature']} token AUROC",
-             f"{r['oracle_feature_token_auroc']:.4f}", "", ""),
-        ]
-    w = [max(len(str(row[i])) for row in rows) for i in range(5)]
+    """A Markdown table (pasted as is into docs/benchmarks.md)."""
+    rows = table_rows(res)
     head = ("concept", "measure", "value", "goal", "")
-    w = [max(w[i], len(head[i])) for i in range(5)]
-    line = "  ".join(h.ljust(w[i]) for i, h in enumerate(head))
-    print(line)
-    print("-" * len(line))
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head))
     for row in rows:
-        print("  ".join(str(v).ljust(w[i]) for i, v in enumerate(row)))
+        print("| " + " | ".join(row) + " |")
     print()
-    print(f"held-out: {res['docs']} docs / {res['tokens']} tokens (corpus seed {res['corpus_seed']}),"
-          f" {res['prompts']} prompts per concept x {res['max_new_tokens']} sampled tokens;"
-          f" {res['seconds']:.0f}s")
-    print(f"command: {command}")
+    print(f"Held out: {res['docs']} documents / {res['tokens']} tokens (corpus seed "
+          f"{res['corpus_seed']}), {res['prompts']} eliciting prompts per concept x "
+          f"{res['max_new_tokens']} sampled tokens (temperature 1); {res['seconds']:.0f} s.")
+    print(f"Command: `{command}`")
 
 
 def main(argv: list[str] | None = None) -> int:
