@@ -39,6 +39,9 @@ class LimitsConfig(_Strict):
     max_tokens_per_batch: int = Field(default=65_536, ge=1)
     queue_batches: int = Field(default=64, ge=1)
     queue_bytes: int = Field(default=512 * 1024 * 1024, ge=1024)
+    # When the pipeline falls behind, up to this many queued batches of one stream are evaluated
+    # together (1: never); an idle pipeline takes each batch alone, so latency is unchanged.
+    group_batches: int = Field(default=8, ge=1)
     max_tracked_requests: int = Field(default=100_000, ge=1)
     request_idle_timeout_s: float = Field(default=600.0, gt=0)
 

@@ -18,7 +18,7 @@ from monitor.export.events import EventSink
 from monitor.export.metrics import SidecarMetrics
 from monitor.export.tracing import Tracing, trace_id_of
 from monitor.act.steering import SteeringController
-from monitor.receive.batch import DecodedBatch
+from monitor.receive.batch import BatchGroup, DecodedBatch
 
 log = logging.getLogger(__name__)
 
@@ -56,23 +56,32 @@ class Pipeline:
         self.steering.forget(request_id)
 
     # ------------------------------------------------------------------ batches
-    def process(self, batch: DecodedBatch, stream, send: Callable) -> list[Verdict]:
-        """Encode and evaluate every layer of a batch; export verdicts and send directives."""
+    def process(self, batch: DecodedBatch | BatchGroup, stream, send: Callable) -> list[Verdict]:
+        """Encode and evaluate every layer of a batch (or a group of one stream's consecutive
+        batches, evaluated as one); export verdicts and send directives."""
         rules = self.rules
+        parts = batch.parts if isinstance(batch, BatchGroup) else [batch]
         verdicts: list[Verdict] = []
         for i, layer in enumerate(batch.layers):
             lb = LayerBatch(layer, batch.request_ids, batch.token_request, batch.positions, batch.generated)
-            keep = self.requests.dedupe(lb)
+            if len(parts) == 1:
+                keep = self.requests.dedupe(lb)
+            else:  # part by part, so a token re-sent in a later part is dropped as it would be alone
+                keep = np.concatenate([self.requests.dedupe(LayerBatch(layer, p.request_ids, p.token_request, p.positions,
+                                                                       p.generated)) for p in parts])
             self._count_tokens(layer, keep, batch.generated)
-            started = time.perf_counter()
-            signals = rules.encode.compute(layer, batch.activations[i].float())
-            if signals is None:
+            if layer not in rules.encode.layers:
                 continue
+            started = time.perf_counter()
+            blocks = [rules.encode.compute(layer, part.activations[i].float()) for part in parts]
+            signals = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
             self.metrics.encode_seconds.labels(str(layer)).observe(time.perf_counter() - started)
             self._export_signals(rules, layer, signals, keep)
             verdicts.extend(self.requests.evaluate(rules, lb, signals, keep))
-        if batch.captured_unix_s:
-            self.metrics.token_to_verdict.observe(max(0.0, time.time() - batch.captured_unix_s))
+        now = time.time()
+        for part in parts:
+            if part.captured_unix_s:
+                self.metrics.token_to_verdict.observe(max(0.0, now - part.captured_unix_s))
         for verdict in verdicts:
             self._act(verdict, batch, stream, send)
         self.metrics.requests_tracked.set(len(self.requests))
@@ -108,7 +117,7 @@ class Pipeline:
             if matched:
                 self.metrics.rule_matched.labels(self.model_name, rule.name).inc(matched)
 
-    def _act(self, verdict: Verdict, batch: DecodedBatch, stream, send: Callable) -> None:
+    def _act(self, verdict: Verdict, batch: DecodedBatch | BatchGroup, stream, send: Callable) -> None:
         rule, request = verdict.rule, verdict.request
         event = dict(rule=rule.name, severity=rule.severity, labels=rule.labels, request_id=request.request_id,
                      api_request_id=request.api_request_id, position=verdict.position, value=verdict.value,

@@ -29,6 +29,7 @@ from monitor.export.metrics import SidecarMetrics
 from monitor.export.tracing import Tracing
 from monitor.pipeline import Pipeline
 from monitor.protocol import pb, pb_grpc
+from monitor.receive.batch import BatchGroup, DecodedBatch
 from monitor.receive.server import AdminService, IngestService, PluginStream
 from monitor.stores.base import StoredRules
 
@@ -40,12 +41,17 @@ GRPC_MESSAGE_SLACK = 4 * 1024 * 1024
 class PipelineThread:
     """The one thread the pipeline runs on, so per-request state needs no locks and verdicts keep
     token order. The event loop hands items over through a thread-safe queue: no future and no
-    loop wake-up per batch (the handoff cost that starved the pipeline at full ingest)."""
+    loop wake-up per batch (the handoff cost that starved the pipeline at full ingest).
+
+    When batches wait, up to ``group_batches`` consecutive ones of the same stream and layers are
+    handed to the pipeline as one :class:`BatchGroup` (adaptive batching: the per-batch work is
+    paid once, so a pipeline that fell behind catches up; an idle one sees single batches)."""
 
     _STOP = object()
 
-    def __init__(self, handle, done, init) -> None:
+    def __init__(self, handle, done, init, group_batches: int = 1) -> None:
         self._handle, self._done, self._init = handle, done, init
+        self.group_batches = group_batches
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._pending = 0  # items put and not yet handled (read by drain)
         self._lock = threading.Lock()
@@ -70,29 +76,50 @@ class PipelineThread:
     def pending(self) -> int:
         return self._pending
 
+    def _take_group(self, stream, first: DecodedBatch):
+        """``first`` and the batches right behind it that can join it; the item that cannot."""
+        parts, carry = [first], None
+        while len(parts) < self.group_batches:
+            try:
+                nxt = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if nxt[0] is stream and isinstance(nxt[1], DecodedBatch) and nxt[1].layers == first.layers:
+                parts.append(nxt[1])
+            else:
+                carry = nxt
+                break
+        return parts, carry
+
     def _run(self) -> None:
         self._init()
+        carry = None
         while True:
-            stream, item = self._inbox.get()
+            stream, item = carry if carry is not None else self._inbox.get()
+            carry = None
             if item is self._STOP:
                 return
-            try:
-                if isinstance(item, tuple):
-                    fn, future = item
-                    try:
-                        future.set_result(fn())
-                    except Exception as exc:
-                        future.set_exception(exc)
-                else:
-                    self._handle(stream, item)
-            except Exception:
-                log.exception("pipeline failed on an item; dropped")
-                self._done(item, failed=True)
+            parts = [item]
+            if isinstance(item, tuple):
+                fn, future = item
+                try:
+                    future.set_result(fn())
+                except Exception as exc:
+                    future.set_exception(exc)
+                failed = False
             else:
-                self._done(item, failed=False)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                if isinstance(item, DecodedBatch) and self.group_batches > 1:
+                    parts, carry = self._take_group(stream, item)
+                try:
+                    self._handle(stream, parts[0] if len(parts) == 1 else BatchGroup.of(parts))
+                    failed = False
+                except Exception:
+                    log.exception("pipeline failed on %d item(s); dropped", len(parts))
+                    failed = True
+            for part in parts:
+                self._done(part, failed=failed)
+            with self._lock:
+                self._pending -= len(parts)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._inbox.put((None, self._STOP))
@@ -130,7 +157,7 @@ class Sidecar:
         self._queued_batches = 0
         self._queued_bytes = 0
         self._queue_lock = threading.Lock()
-        self.worker = PipelineThread(self._handle, self._handled, self._init_worker)
+        self.worker = PipelineThread(self._handle, self._handled, self._init_worker, config.limits.group_batches)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._servers: list = []

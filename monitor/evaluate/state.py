@@ -210,7 +210,6 @@ def segmented_ema(values: np.ndarray, starts: np.ndarray, alpha: float, seeds: n
     decay = 1.0 - alpha
     for c in range(int(lengths.max() + CHUNK - 1) // CHUNK):
         sel = np.nonzero(local // CHUNK == c)[0]
-        t = (local[sel] % CHUNK + 1).astype(np.float64)
         if decay == 0.0:
             out[sel] = values[sel]
         else:

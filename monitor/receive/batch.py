@@ -86,3 +86,36 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
         generated=np.array(msg.is_generated, dtype=bool),
         captured_unix_s=msg.captured_unix_s, nbytes=nbytes,
     )
+
+
+@dataclass
+class BatchGroup:
+    """Consecutive batches of one stream with the same layers, evaluated as one: the pipeline's
+    per-batch work (dedupe, windows, exports) is paid once for the group. Labels are merged (one
+    index per request id, token order kept); activations stay per batch, never copied."""
+
+    parts: list[DecodedBatch]
+    layers: list[int]
+    request_ids: list[str]
+    token_request: np.ndarray
+    positions: np.ndarray
+    generated: np.ndarray
+    captured_unix_s: float  # the oldest part's
+    nbytes: int
+
+    @classmethod
+    def of(cls, parts: list[DecodedBatch]) -> "BatchGroup":
+        ids: dict[str, int] = {}
+        remapped = []
+        for b in parts:
+            index = np.array([ids.setdefault(rid, len(ids)) for rid in b.request_ids], dtype=np.int64)
+            remapped.append(index[b.token_request] if len(index) else b.token_request)
+        captured = [b.captured_unix_s for b in parts if b.captured_unix_s]
+        return cls(parts=parts, layers=parts[0].layers, request_ids=list(ids), token_request=np.concatenate(remapped),
+                   positions=np.concatenate([b.positions for b in parts]),
+                   generated=np.concatenate([b.generated for b in parts]),
+                   captured_unix_s=min(captured) if captured else 0.0, nbytes=sum(b.nbytes for b in parts))
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.positions.shape[0])
