@@ -295,6 +295,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="interleaved sink/sidecar rounds (medians reported)")
     ap.add_argument("--dtype", choices=sorted(WIRE_DTYPES), default="fp32", help="activation dtype on the wire")
     ap.add_argument("--nominal", type=float, default=0.5, help="latency phase load as a fraction of measured capacity")
+    ap.add_argument("--latency-load", type=float, default=None, metavar="TOKENS_PER_S",
+                    help="latency phase load in tokens/s instead (e.g. half the capacity measured in another run)")
+    ap.add_argument("--latency-only", action="store_true", help="skip the throughput rounds (needs --latency-load)")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fw-bench-"))
@@ -316,16 +319,25 @@ def main() -> None:
     rounds = []
     with SidecarProcess(tmp, config) as sc:
         addresses = {"unix": sc.socket_address, "tcp": sc.tcp_address}
-        for _ in range(args.rounds):  # interleaved, so drifts in machine load hit both sides alike
+        for _ in range(0 if args.latency_only else args.rounds):  # interleaved, so drifts in machine load hit both sides alike
             row = {}
             for path in paths:
                 row[f"sink_{path}"], row[f"sink_cpu_{path}"] = sink.throughput(path, args.d, x, args.seconds, args.requests)
                 row[path] = sidecar_throughput(sc, addresses[path], args.d, x, args.seconds, args.requests)
             rounds.append(row)
-        capacity = float(np.median([r["unix"]["tokens_per_s"] for r in rounds]))
-        lat = latency(sc, args.d, x32, capacity * args.nominal, args.seconds, args.requests, args.dtype)
+        capacity = float(np.median([r["unix"]["tokens_per_s"] for r in rounds])) if rounds else float("nan")
+        load = args.latency_load if args.latency_load else capacity * args.nominal
+        lat = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype)
     sink.close()
 
+    if rounds:
+        report_rounds(rounds, paths, inproc, capacity, args, x)
+    print(f"\nlatency at {lat['offered_tokens_per_s']:.0f} tokens/s offered (unix socket): "
+          f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
+          f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
+
+
+def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
     print(f"\n{'round':<6} {'path':<5} {'sink GB/s':>10} {'sidecar accepted GB/s':>22} {'ratio':>6} {'tokens/s':>10} "
           f"{'dropped':>10} {'CPU s/GB sink':>14} {'sidecar':>8}")
     for i, row in enumerate(rounds, 1):
@@ -342,9 +354,6 @@ def main() -> None:
           " less sensitive to other load on the machine than GB/s")
     print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * x.itemsize / 1e9:.2f} GB/s {args.dtype}; "
           f"the unix-socket sidecar reached {capacity / inproc:.2f} of it (median)")
-    print(f"\nlatency at {args.nominal:.0%} of capacity ({lat['offered_tokens_per_s']:.0f} tokens/s, unix socket): "
-          f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
-          f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
 
 if __name__ == "__main__":
     main()
