@@ -6,7 +6,9 @@ Updated once per batch, never per token: label children are cached and per-token
 
 from __future__ import annotations
 
+import gc
 import threading
+import time
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -86,8 +88,26 @@ class SidecarMetrics:
         self.plugin_enqueue_count = Counter(p + "plugin_enqueued_batches", "Batches enqueued by the plugin.", ["model_name", "engine"], registry=r)
         self.plugin_reconnects = Counter(p + "plugin_reconnects", "Plugin reconnects to the sidecar.", ["model_name", "engine"], registry=r)
         self.plugin_cached_tokens = Counter(p + "plugin_cached_prompt_tokens", "Prompt tokens served from prefix cache, never tapped.", ["model_name", "engine"], registry=r)
+        self.gc_pause = Histogram(p + "gc_pause_seconds", "Python garbage-collector pauses (they stop every thread), by generation.", ["generation"], buckets=LATENCY_BUCKETS, registry=r)
+        self._gc_started: float | None = None
         self.plugin_queue_depth = Gauge(p + "plugin_queue_depth", "Plugin send queue depth.", ["model_name", "engine"], registry=r)
         self._plugin_seen: dict[tuple, dict] = {}
+
+    def watch_gc(self) -> None:
+        """Time every garbage collection: a pause stalls the receive loop and the pipeline alike."""
+        if self._on_gc not in gc.callbacks:
+            gc.callbacks.append(self._on_gc)
+
+    def unwatch_gc(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        elif self._gc_started is not None:
+            self.gc_pause.labels(str(info["generation"])).observe(time.perf_counter() - self._gc_started)
+            self._gc_started = None
 
     def set_rules(self, rules) -> None:
         """Replace the rule_info series with the rules now in force."""
