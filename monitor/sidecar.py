@@ -10,10 +10,8 @@ import asyncio
 import gc
 import logging
 import os
-import queue
 import threading
 import time
-from concurrent.futures import Future
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -28,103 +26,14 @@ from monitor.evaluate.state import RequestInfo, RequestTable
 from monitor.export.events import EventSink
 from monitor.export.metrics import SidecarMetrics
 from monitor.export.tracing import Tracing
-from monitor.pipeline import Pipeline
+from monitor.pipeline import Pipeline, PipelineThread
 from monitor.protocol import pb, pb_grpc
-from monitor.receive.batch import BatchGroup, DecodedBatch
 from monitor.receive.server import AdminService, IngestService, PluginStream
 from monitor.stores.base import StoredRules
 
 log = logging.getLogger("featurewatch.sidecar")
 SCOPES = {"all": pb.TOKEN_SCOPE_ALL, "prompt": pb.TOKEN_SCOPE_PROMPT, "generated": pb.TOKEN_SCOPE_GENERATED}
 GRPC_MESSAGE_SLACK = 4 * 1024 * 1024
-
-
-class PipelineThread:
-    """The one thread the pipeline runs on, so per-request state needs no locks and verdicts keep
-    token order. The event loop hands items over through a thread-safe queue: no future and no
-    loop wake-up per batch (the handoff cost that starved the pipeline at full ingest).
-
-    When batches wait, up to ``group_batches`` consecutive ones of the same stream and layers are
-    handed to the pipeline as one :class:`BatchGroup` (adaptive batching: the per-batch work is
-    paid once, so a pipeline that fell behind catches up; an idle one sees single batches)."""
-
-    _STOP = object()
-
-    def __init__(self, handle, done, init, group_batches: int = 1) -> None:
-        self._handle, self._done, self._init = handle, done, init
-        self.group_batches = group_batches
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._pending = 0  # items put and not yet handled (read by drain)
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="featurewatch-pipeline", daemon=True)
-        self._thread.start()
-
-    def put(self, stream, item) -> None:
-        with self._lock:
-            self._pending += 1
-        self._inbox.put((stream, item))
-
-    def call(self, fn) -> Future:
-        """Run ``fn()`` on the pipeline thread, after what is queued (housekeeping on its state)."""
-        future: Future = Future()
-        if threading.current_thread() is self._thread:
-            future.set_result(fn())
-            return future
-        self.put(None, (fn, future))
-        return future
-
-    @property
-    def pending(self) -> int:
-        return self._pending
-
-    def _take_group(self, stream, first: DecodedBatch):
-        """``first`` and the batches right behind it that can join it; the item that cannot."""
-        parts, carry = [first], None
-        while len(parts) < self.group_batches:
-            try:
-                nxt = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if nxt[0] is stream and isinstance(nxt[1], DecodedBatch) and nxt[1].layers == first.layers:
-                parts.append(nxt[1])
-            else:
-                carry = nxt
-                break
-        return parts, carry
-
-    def _run(self) -> None:
-        self._init()
-        carry = None
-        while True:
-            stream, item = carry if carry is not None else self._inbox.get()
-            carry = None
-            if item is self._STOP:
-                return
-            parts = [item]
-            if isinstance(item, tuple):
-                fn, future = item
-                try:
-                    future.set_result(fn())
-                except Exception as exc:
-                    future.set_exception(exc)
-                failed = False
-            else:
-                if isinstance(item, DecodedBatch) and self.group_batches > 1:
-                    parts, carry = self._take_group(stream, item)
-                try:
-                    self._handle(stream, parts[0] if len(parts) == 1 else BatchGroup.of(parts))
-                    failed = False
-                except Exception:
-                    log.exception("pipeline failed on %d item(s); dropped", len(parts))
-                    failed = True
-            for part in parts:
-                self._done(part, failed=failed)
-            with self._lock:
-                self._pending -= len(parts)
-
-    def stop(self, timeout_s: float = 5.0) -> None:
-        self._inbox.put((None, self._STOP))
-        self._thread.join(timeout_s)
 
 
 def make_stores(config: SidecarConfig):
