@@ -144,7 +144,7 @@ def blast(address: str, d: int, seconds: float, make) -> dict:
     hello = pb.PluginMessage(hello=pb.Hello(model_name="bench", d_model=d, available_layers=[1], dtype=pb.FLOAT32,
                                             plugin_version="bench", engine="0", max_tokens_per_step=8192))
     sent = {"batches": 0, "bytes": 0}
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
 
     def requests():
         yield hello
@@ -157,7 +157,7 @@ def blast(address: str, d: int, seconds: float, make) -> dict:
     for _ in stream(requests()):  # plan, acks; ends when the server closes after our half-close
         pass
     channel.close()
-    return {**sent, "seconds": time.perf_counter() - start}
+    return {**sent, "seconds": time.perf_counter() - start, "sender_cpu_s_per_gb": (time.process_time() - cpu) / (sent["bytes"] / 1e9)}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -248,7 +248,8 @@ def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, 
     accepted = metric(text, "featurewatch_received_bytes_total") - metric(before, "featurewatch_received_bytes_total")
     dropped = metric(text, "featurewatch_batches_dropped_total") - metric(before, "featurewatch_batches_dropped_total")
     return {"sent_gbps": r["bytes"] / elapsed / 1e9, "accepted_gbps": accepted / elapsed / 1e9, "tokens_per_s": tokens / elapsed,
-            "batches": r["batches"], "dropped": int(dropped), "cpu_s_per_gb": cpu / (accepted / 1e9)}
+            "batches": r["batches"], "dropped": int(dropped), "cpu_s_per_gb": cpu / (accepted / 1e9),
+            "sender_cpu_s_per_gb": r["sender_cpu_s_per_gb"]}
 
 
 def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int,
@@ -339,19 +340,21 @@ def main() -> None:
 
 def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
     print(f"\n{'round':<6} {'path':<5} {'sink GB/s':>10} {'sidecar accepted GB/s':>22} {'ratio':>6} {'tokens/s':>10} "
-          f"{'dropped':>10} {'CPU s/GB sink':>14} {'sidecar':>8}")
+          f"{'dropped':>10} {'CPU s/GB sink':>14} {'sidecar':>8} {'sender':>7}")
     for i, row in enumerate(rounds, 1):
         for path in paths:
             r, ceiling = row[path], row[f"sink_{path}"]
             print(f"{i:<6} {path:<5} {ceiling / 1e9:>10.2f} {r['accepted_gbps']:>22.2f} {r['accepted_gbps'] * 1e9 / ceiling:>6.2f} "
-                  f"{r['tokens_per_s']:>10.0f} {r['dropped']:>5}/{r['batches']:<4} {row[f'sink_cpu_{path}']:>14.2f} {r['cpu_s_per_gb']:>8.2f}")
+                  f"{r['tokens_per_s']:>10.0f} {r['dropped']:>5}/{r['batches']:<4} {row[f'sink_cpu_{path}']:>14.2f} {r['cpu_s_per_gb']:>8.2f} {r['sender_cpu_s_per_gb']:>7.2f}")
     for path in paths:
         med = lambda f: float(np.median([f(row) for row in rounds]))  # noqa: E731
         print(f"median {path:<5} {med(lambda r: r[f'sink_{path}']) / 1e9:>10.2f} {med(lambda r: r[path]['accepted_gbps']):>22.2f} "
               f"{med(lambda r: r[path]['accepted_gbps'] * 1e9 / r[f'sink_{path}']):>6.2f} {med(lambda r: r[path]['tokens_per_s']):>10.0f} "
-              f"{'':>10} {med(lambda r: r[f'sink_cpu_{path}']):>14.2f} {med(lambda r: r[path]['cpu_s_per_gb']):>8.2f}")
+              f"{'':>10} {med(lambda r: r[f'sink_cpu_{path}']):>14.2f} {med(lambda r: r[path]['cpu_s_per_gb']):>8.2f} "
+              f"{med(lambda r: r[path]['sender_cpu_s_per_gb']):>7.2f}")
     print("CPU s/GB: CPU-seconds the receiving process spent per GB accepted (1 / the GB/s one core would carry);"
-          " less sensitive to other load on the machine than GB/s")
+          " less sensitive to other load on the machine than GB/s. sender: the load generator, which encodes and"
+          " sends as the plugin does (its cost inside vLLM's process)")
     print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * x.itemsize / 1e9:.2f} GB/s {args.dtype}; "
           f"the unix-socket sidecar reached {capacity / inproc:.2f} of it (median)")
 
