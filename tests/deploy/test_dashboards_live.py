@@ -27,7 +27,7 @@ from tests.deploy.fake_vllm import FakeVllmMetrics
 
 pytest.importorskip("tests.support.sidecar", reason="the sidecar test support is not in this tree")
 from monitor.protocol import pb  # noqa: E402
-from tests.support.dictionaries import PLANTED_FEATURE, planted_direction  # noqa: E402
+from tests.support.dictionaries import planted_direction, planted_rules  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
 from tests.support.sidecar import SidecarProcess, fixture_config  # noqa: E402
 
@@ -35,27 +35,7 @@ D = 64
 INSTANCE = "replica-0"
 RATE_INTERVAL = "4s"  # Grafana: max(4 x scrape interval, interval + scrape interval) at 1 s scrapes
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-RULES = f"""
-rules:
-  - name: planted_feature
-    signal: {{source: sae, feature: {PLANTED_FEATURE}}}
-    above: 2.0
-    scope: generated
-    severity: critical
-    labels: {{owner: trust-safety}}
-    actions:
-      - alert: {{}}
-      - steer: {{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}
-  - name: planted_probe
-    signal: {{source: probes, probe: planted}}
-    above: 0.9
-    severity: warning
-    labels: {{owner: security}}
-policies:
-  - name: tenant_b_suppress
-    selector: {{tenant: b}}
-    steer: [{{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}]
-"""
+RULES = planted_rules("    labels: {owner: security}\n")
 # Series that only exist once a store fails or an event is lost. The sidecar declares them (checked
 # below); they get data when the failure happens, which this test does not stage.
 FAILURE_ONLY = {"featurewatch_store_errors_total", "featurewatch_events_dropped_total"}

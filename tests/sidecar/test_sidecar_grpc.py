@@ -14,32 +14,12 @@ import numpy as np
 import pytest
 
 from monitor.protocol import pb, pb_grpc
-from tests.support.dictionaries import PLANTED_FEATURE, planted_direction
+from tests.support.dictionaries import PLANTED_FEATURE, planted_direction, planted_rules
 from tests.support.plugin_client import PluginClient
 from tests.support.sidecar import ADMIN_TOKEN, SidecarProcess, fixture_config, metric_value
 
 D = 64
-RULES = f"""
-rules:
-  - name: planted_feature
-    signal: {{source: sae, feature: {PLANTED_FEATURE}}}
-    above: 2.0
-    scope: generated
-    severity: critical
-    labels: {{owner: trust-safety}}
-    actions:
-      - alert: {{}}
-      - steer: {{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}
-  - name: planted_probe
-    signal: {{source: probes, probe: planted}}
-    above: 0.9
-    window: {{kind: count, n: 2}}
-    severity: warning
-policies:
-  - name: tenant_b_suppress
-    selector: {{tenant: b}}
-    steer: [{{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}]
-"""
+RULES = planted_rules("    window: {kind: count, n: 2}\n")
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 AUTH = [("authorization", f"Bearer {ADMIN_TOKEN}")]
 

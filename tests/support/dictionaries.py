@@ -48,3 +48,29 @@ def write_probe_bank(path: Path, d_model: int = 64, seed: int = 0) -> Path:
         "weight": np.stack([u, other]).astype(np.float32), "bias": np.array([-5.0, -5.0], np.float32),
     }, str(path), metadata={"names": json.dumps(["planted", "other"]), "layer": "1"})
     return path
+
+
+def planted_rules(probe_rule_extra: str = "") -> str:
+    """The rules most sidecar tests run: an alert + clamp rule on the planted feature (generated
+    tokens), a rule on the planted probe, and an always-on clamp policy for tenant b.
+    ``probe_rule_extra``: YAML lines (indented 4 spaces) added to the probe rule."""
+    return f"""
+rules:
+  - name: planted_feature
+    signal: {{source: sae, feature: {PLANTED_FEATURE}}}
+    above: 2.0
+    scope: generated
+    severity: critical
+    labels: {{owner: trust-safety}}
+    actions:
+      - alert: {{}}
+      - steer: {{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}
+  - name: planted_probe
+    signal: {{source: probes, probe: planted}}
+    above: 0.9
+{probe_rule_extra}    severity: warning
+policies:
+  - name: tenant_b_suppress
+    selector: {{tenant: b}}
+    steer: [{{clamp: {{source: sae, feature: {PLANTED_FEATURE}, value: 0}}}}]
+"""
