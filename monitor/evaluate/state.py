@@ -69,6 +69,7 @@ class LayerBatch:
     token_request: np.ndarray  # [N] int index into request_ids
     positions: np.ndarray  # [N] int64
     generated: np.ndarray  # [N] bool
+    states: list | None = None  # RequestState per request_ids entry, looked up once per batch
 
 
 class RequestTable:
@@ -118,25 +119,33 @@ class RequestTable:
             self._states.popitem(last=False)
             self.evicted += 1
 
-    def _state_for(self, request_id: str) -> RequestState:
+    def _state_for(self, request_id: str, now: float | None = None) -> RequestState:
         state = self._states.get(request_id)
         if state is None:  # batch before RequestStart (or after a sidecar restart): track anyway
             state = self.start(RequestInfo(request_id))
         self._states.move_to_end(request_id)
-        state.touched = time.monotonic()
+        state.touched = time.monotonic() if now is None else now
         return state
+
+    def _states_of(self, batch: LayerBatch) -> list[RequestState]:
+        """The batch's request states, looked up (and LRU-touched) once per batch."""
+        if batch.states is None:
+            now = time.monotonic()
+            batch.states = [self._state_for(rid, now) for rid in batch.request_ids]
+        return batch.states
 
     def dedupe(self, batch: LayerBatch) -> np.ndarray:
         """Mask of tokens not seen before for their (request, layer); advances the high-water mark."""
-        states = [self._state_for(rid) for rid in batch.request_ids]
+        states = self._states_of(batch)
         floor = np.array([s.next_position.get(batch.layer, 0) for s in states], dtype=np.int64)
         keep = batch.positions >= floor[batch.token_request] if len(states) else np.zeros(0, bool)
         if len(batch.positions):
             high = np.full(len(states), -1, dtype=np.int64)
             np.maximum.at(high, batch.token_request, batch.positions)
-            for state, top in zip(states, high):
-                if top >= 0:
-                    state.next_position[batch.layer] = max(state.next_position.get(batch.layer, 0), int(top) + 1)
+            layer = batch.layer
+            for k, top in zip(np.nonzero(high >= floor)[0].tolist(), high[high >= floor].tolist()):
+                state = states[k]  # (max: a request listed twice in one batch must not move back)
+                state.next_position[layer] = max(state.next_position.get(layer, 0), top + 1)
         self.deduplicated_tokens += int((~keep).sum())
         return keep
 
@@ -155,8 +164,9 @@ class RequestTable:
             hits = np.nonzero(in_scope & (values > rule.above))[0]
             if hits.size == 0:
                 continue
+            states = self._states_of(batch)
             for req in np.unique(batch.token_request[hits]):
-                state = self._state_for(batch.request_ids[req])
+                state = states[req]
                 mine = hits[batch.token_request[hits] == req]
                 before = state.counts[rule.index]
                 state.counts[rule.index] += mine.size
@@ -172,20 +182,23 @@ class RequestTable:
         idx = np.nonzero(in_scope)[0]
         idx = idx[np.lexsort((batch.positions[idx], batch.token_request[idx]))]  # by request, then position
         reqs, starts = np.unique(batch.token_request[idx], return_index=True)
-        states = [self._state_for(batch.request_ids[r]) for r in reqs]
-        seeds = np.array([st.ema[rule.index] for st in states])
+        every = self._states_of(batch)
+        states = [every[r] for r in reqs]
+        i = rule.index
+        seeds = np.array([st.ema[i] for st in states])
         trace = segmented_ema(values[idx].astype(np.float64), starts, rule.ema_alpha, seeds)
         ends = np.r_[starts[1:], len(idx)] - 1
+        for st, last in zip(states, trace[ends].tolist()):
+            st.ema[i] = last
+        above = trace > rule.above
         verdicts = []
-        for k, st in enumerate(states):
-            st.ema[rule.index] = trace[ends[k]]
-            if st.fired[rule.index]:
+        for k in np.nonzero(np.logical_or.reduceat(above, starts))[0]:  # requests with a value above: few
+            st = states[k]
+            if st.fired[i]:
                 continue
-            above = np.nonzero(trace[starts[k]:ends[k] + 1] > rule.above)[0]
-            if above.size:
-                st.fired[rule.index] = True
-                at = idx[starts[k] + above[0]]
-                verdicts.append(Verdict(rule, st.info, int(batch.positions[at]), float(trace[starts[k] + above[0]]), version))
+            first = starts[k] + int(np.argmax(above[starts[k]:ends[k] + 1]))
+            st.fired[i] = True
+            verdicts.append(Verdict(rule, st.info, int(batch.positions[idx[first]]), float(trace[first]), version))
         return verdicts
 
 
