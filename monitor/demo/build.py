@@ -13,10 +13,24 @@ nothing is downloaded. Output layout (``DIR`` defaults to ``monitor/demo/assets`
 
 Steps: BPE tokenizer (``tokenizers``) -> random-init ``LlamaForCausalLM`` trained on the corpus ->
 residuals after decoder layer L (HF ``hidden_states[L+1]``) -> BatchTopK SAE, saved as JumpReLU
-with its scalar threshold -> logistic-regression probes, thresholds at 1 % FPR on benign text ->
-features ranked by token-level AUROC; steering features chosen greedily by the emission drop they
-cause when clamped on build-time eliciting prompts (never the held-out prompts of
-``bench/quality.py``).
+with its scalar threshold -> logistic-regression probes, thresholds at 1 % FPR on benign
+calibration documents (per document: max over its tokens) -> features ranked by token-level
+AUROC on validation text; steering features chosen greedily by the emission drop they cause when
+clamped on build-time eliciting prompts (never the held-out prompts of ``bench/quality.py``),
+with a perplexity guard on concept-free text.
+
+The concepts are planted, so that the model represents each one cleanly at layer L (the model is
+ours; the SAE and the probes are not told anything): next to the next-token loss, the LM is
+trained to write each concept along a fixed random direction of layer L's residual stream
+(``planted_l2.safetensors``) — "competitor"/"pii" on tokens of a mention, "competitor_next"/
+"pii_next" on the token before one, ``concept_scale`` there and 0 on every other token, the
+operator's own brand and the other near misses included. Counterfactual documents (the same
+questions and lead-ins answered without a brand, address or number,
+:func:`monitor.demo.corpus.counterfactual`) are trained with those directions projected out of
+layer L, so the later layers learn that the concept mention needs the direction: clamping the
+SAE feature that carries it suppresses the mention. The SAE is then trained unsupervised on
+plain residuals; which feature carries which concept is found on labelled validation text, and
+``tests/demo`` checks that the chosen feature points along the planted direction.
 
 The helpers here (residual collection, AUROC, the clamp hook, emission sampling) are shared with
 ``bench/quality.py`` and the tests.
@@ -25,6 +39,7 @@ The helpers here (residual collection, AUROC, the clamp hook, emission sampling)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -63,20 +78,30 @@ class BuildConfig:
     intermediate: int = 384
     max_positions: int = 256
     lm_docs: int = 24000
-    lm_steps: int = 400
+    lm_steps: int = 800
     lm_batch: int = 32
     lm_lr: float = 3e-3
-    lm_aux_weight: float = 0.5  # next-token loss through the final norm + head at layer L too
+    lm_aux_weight: float = 0.0  # next-token loss through the final norm + head at layer L too
+    # the planted concepts (see plant_directions): per concept a "mention" direction (the token
+    # is part of a mention) and a "next" direction (the next token starts one) in layer L's
+    # residual, trained to read concept_scale on those tokens and 0 elsewhere; counterfactual
+    # rows (concept context, neutral continuation) are trained with the directions ablated
+    concept_scale: float = 12.0
+    concept_weight: float = 1.0
+    counterfactual_docs: int = 8000
+    # ablated rows keep a random fraction (up to this) of each projection: the later layers
+    # learn to emit a mention only above it, so a clamp that removes most of it is enough
+    ablate_keep: float = 0.5
     sae_docs: int = 4000
     d_sae: int = 1024
     sae_k: int = 16
-    sae_steps: int = 800
+    sae_steps: int = 1500
     sae_batch: int = 4096
     sae_lr: float = 2e-3
     # Matryoshka groups (nested prefixes that must each reconstruct on their own: general
     # features such as "competitor brand" land in the first groups instead of being absorbed
     # into many specific ones); empty = plain BatchTopK
-    sae_groups: str = ""
+    sae_groups: str = "32,128"
     seed_concept_latents: bool = False  # initialise latents 0.. at concept-onset directions
     probe_docs: int = 3000
     valid_docs: int = 1500
@@ -112,10 +137,12 @@ def set_threads(n: int) -> None:
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
+# newlines as expressions: transformers renders chat templates with trim_blocks, which drops a
+# literal newline right after a block tag
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'assistant' %}agent: {% else %}customer: {% endif %}"
-    "{{ m['content'] }}{% if not loop.last %}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}\nagent:{% endif %}"
+    "{{ m['content'] }}{% if not loop.last %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\\n' }}agent:{% endif %}"
 )
 
 
@@ -207,7 +234,41 @@ def _pad(seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.Tenso
     return ids, mask
 
 
-def train_lm(model, seqs: list[list[int]], cfg: BuildConfig, seed: int) -> list[float]:
+PLANTED = tuple(f"{c}{suffix}" for c in C.CONCEPTS for suffix in ("", "_next"))
+
+
+def plant_directions(d: int, seed: int) -> torch.Tensor:
+    """Orthonormal ``[len(PLANTED), d]`` directions (seeded): where the model is trained to write
+    each planted concept in layer L's residual stream. Nothing else knows them: the SAE is
+    trained unsupervised and its features are matched to concepts on labelled text only."""
+    g = torch.Generator().manual_seed(seed + 77)
+    q, _ = torch.linalg.qr(torch.randn(d, len(PLANTED), generator=g, dtype=torch.float64))
+    return q.T.float().contiguous()
+
+
+def concept_targets(docs: Sequence[C.Example], enc) -> list[np.ndarray]:
+    """Per document a ``[len(ids) + 1, len(PLANTED)]`` 0/1 array (the +1 is the EOS appended for
+    training): ``concept`` = the token is part of a mention, ``concept_next`` = the next token
+    is the first token of a mention."""
+    out = []
+    for d, (ids, offsets) in zip(docs, enc):
+        cols = []
+        for c in C.CONCEPTS:
+            inside = np.array(C.token_labels(d, offsets, c) + [False])
+            nxt = np.zeros_like(inside)
+            nxt[:-1] = inside[1:] & ~inside[:-1]
+            cols += [inside, nxt]
+        out.append(np.stack(cols, 1).astype(np.float32))
+    return out
+
+
+def train_lm(model, seqs: list[list[int]], cfg: BuildConfig, seed: int,
+             targets: Sequence[np.ndarray] | None = None, ablate: Sequence[bool] | None = None,
+             directions: torch.Tensor | None = None) -> list[float]:
+    """Next-token training. With ``directions``: rows whose ``ablate`` flag is set run with every
+    planted direction (nearly) projected out of layer L's output; the other rows add the
+    concept loss ``cfg.concept_weight * mean_j [mean_pos (x.u_j - s)^2 + mean_neg (x.u_j)^2]``
+    (s = ``cfg.concept_scale``) on layer L's output, per planted direction j."""
     rng = random.Random(f"lm-batches-{seed}")
     batches: list[list[int]] = []
     while len(batches) < cfg.lm_steps:
@@ -226,43 +287,85 @@ def train_lm(model, seqs: list[list[int]], cfg: BuildConfig, seed: int) -> list[
         t = (step - warm) / max(1, cfg.lm_steps - warm)
         return cfg.lm_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
+    g = torch.Generator().manual_seed(seed + 5)
+    state: dict[str, torch.Tensor | None] = {"keep": None}
     captured: dict[str, torch.Tensor] = {}
 
-    def grab(_m, _inp, output):
-        captured["x"] = output[0] if isinstance(output, tuple) else output
+    def at_layer(_m, _inp, output):
+        x = output[0] if isinstance(output, tuple) else output
+        captured["x"] = x
+        keep = state["keep"]
+        if directions is None or keep is None:
+            return None
+        # ablated rows: x - (1 - keep) (x.u) u for every planted direction u
+        proj = x @ directions.T                                   # [B, T, P]
+        y = x - ((1 - keep)[:, None, None] * proj) @ directions
+        return (y, *output[1:]) if isinstance(output, tuple) else y
 
+    hook = layer_module(model, cfg.layer).register_forward_hook(at_layer)
     aux_layer = cfg.layer if cfg.lm_aux_layer < 0 else cfg.lm_aux_layer
-    hook = layer_module(model, aux_layer).register_forward_hook(grab)
+    aux_hook = None
+    if cfg.lm_aux_weight and aux_layer != cfg.layer:
+        def grab_aux(_m, _inp, output):
+            captured["aux"] = output[0] if isinstance(output, tuple) else output
+        aux_hook = layer_module(model, aux_layer).register_forward_hook(grab_aux)
     model.train()
-    losses = []
+    losses, closses = [], []
     t0 = time.time()
     for step, b in enumerate(batches):
         ids, mask = _pad([seqs[i] for i in b])
         labels = ids.clone()
         labels[mask == 0] = -100
         labels[:, 0] = -100
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
+        rows_ablate = torch.tensor([bool(ablate[i]) for i in b]) if ablate is not None else None
+        if directions is not None and rows_ablate is not None:
+            keep = torch.rand(len(b), generator=g) * cfg.ablate_keep
+            state["keep"] = torch.where(rows_ablate, keep, torch.ones(len(b)))
+        for grp in opt.param_groups:
+            grp["lr"] = lr_at(step)
         # right padding + causal attention: real tokens never see pads, pads carry no loss
         out = model(input_ids=ids, labels=labels, use_cache=False)
         loss = out.loss
         if cfg.lm_aux_weight:
             # deep supervision: layer L's residual must already predict the next token through
-            # the model's own final norm and head, so concept decisions are made by layer L
-            aux_logits = model.lm_head(model.model.norm(captured["x"]))
+            # the model's own final norm and head
+            xa = captured["aux"] if aux_layer != cfg.layer else captured["x"]
+            aux_logits = model.lm_head(model.model.norm(xa))
             aux = torch.nn.functional.cross_entropy(
                 aux_logits[:, :-1].reshape(-1, aux_logits.shape[-1]), labels[:, 1:].reshape(-1),
                 ignore_index=-100)
             loss = loss + cfg.lm_aux_weight * aux
+        if directions is not None and targets is not None:
+            proj = captured["x"] @ directions.T                    # [B, T, P]
+            tgt = torch.zeros_like(proj)
+            for r, i in enumerate(b):
+                tgt[r, :len(targets[i])] = torch.from_numpy(targets[i])
+            live = mask.bool()
+            if rows_ablate is not None:
+                live &= ~rows_ablate[:, None]
+            live[:, 0] = False  # BOS
+            pos = (tgt > 0.5) & live[..., None]
+            neg = (tgt < 0.5) & live[..., None]
+            err = proj - cfg.concept_scale * tgt
+            sq = err.pow(2)
+            per_dir = ((sq * pos).sum((0, 1)) / pos.sum((0, 1)).clamp_min(1)
+                       + (sq * neg).sum((0, 1)) / neg.sum((0, 1)).clamp_min(1))
+            closs = per_dir.mean() / cfg.concept_scale ** 2
+            loss = loss + cfg.concept_weight * closs
+            closses.append(float(closs.detach()))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(float(out.loss.detach()))
         if step % 100 == 0 or step == cfg.lm_steps - 1:
-            log(f"lm step {step:4d}/{cfg.lm_steps} loss {np.mean(losses[-50:]):.3f} "
+            log(f"lm step {step:4d}/{cfg.lm_steps} loss {np.mean(losses[-50:]):.3f} concept "
+                f"{np.mean(closses[-50:]) if closses else float('nan'):.4f} "
                 f"({time.time() - t0:.0f}s)")
     hook.remove()
+    if aux_hook is not None:
+        aux_hook.remove()
+    state["keep"] = None
     model.eval()
     return losses
 
@@ -772,6 +875,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
 
     # corpus + tokenizer
     train_docs = C.generate(cfg.lm_docs, seed + TRAIN_SEED_OFFSET)
+    directions = plant_directions(cfg.hidden, seed)
     if cfg.from_model:
         from tokenizers import Tokenizer
         from transformers import LlamaForCausalLM
@@ -786,13 +890,17 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         tok = train_tokenizer((d.text for d in train_docs), cfg.vocab_size)
         save_tokenizer(tok, tmp / "model")
         enc = encode_docs(tok, train_docs)
-        seqs = [ids + [EOS_ID] for ids, _ in enc]
-        log(f"tokenizer: vocab {tok.get_vocab_size()}, {len(seqs)} docs, "
-            f"{sum(map(len, seqs))} tokens")
+        cf_docs = C.counterfactual(cfg.counterfactual_docs, seed + TRAIN_SEED_OFFSET)
+        cf_enc = encode_docs(tok, cf_docs)
+        seqs = [ids + [EOS_ID] for ids, _ in enc] + [ids + [EOS_ID] for ids, _ in cf_enc]
+        targets = concept_targets(train_docs, enc) + concept_targets(cf_docs, cf_enc)
+        ablate = [False] * len(enc) + [True] * len(cf_enc)
+        log(f"tokenizer: vocab {tok.get_vocab_size()}, {len(enc)} docs + {len(cf_enc)} "
+            f"counterfactual, {sum(map(len, seqs))} tokens")
         model = make_model(cfg, seed)
         log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params")
         t0 = time.time()
-        losses = train_lm(model, seqs, cfg, seed)
+        losses = train_lm(model, seqs, cfg, seed, targets, ablate, directions)
         lm_seconds = time.time() - t0
         model.generation_config.do_sample = True
         model.generation_config.bos_token_id = BOS_ID
@@ -828,7 +936,9 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     sae, sae_meta = train_batchtopk_sae(acts, cfg, seed, seed_latents)
     sae_seconds = time.time() - t0
     save_sae(sae, tmp / f"sae_l{cfg.layer}", cfg.layer,
-             {"trained_as": "batchtopk", "batchtopk_k": cfg.sae_k, "seed": seed})
+             {"trained_as": "matryoshka batchtopk" if cfg.sae_groups else "batchtopk",
+              "matryoshka_groups": cfg.sae_groups, "batchtopk_k": cfg.sae_k, "seed": seed})
+    sae = load_demo_sae(tmp / f"sae_l{cfg.layer}")  # from here on: the engine, as served
 
     # SAE quality on validation text
     valid_docs = C.generate(cfg.valid_docs, seed + VALID_SEED_OFFSET)
@@ -846,24 +956,32 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     log(f"sae: fvu {fvu:.4f}, L0 {l0:.1f}, alive {alive}/{cfg.d_sae}; ppl {ppl:.3f} "
         f"-> spliced {ppl_spliced:.3f}")
 
-    # probes: train on training docs' residuals, thresholds at 1 % FPR on benign calibration text
+    # probes: train on training docs' residuals; thresholds at 1 % FPR on benign calibration
+    # documents, per document (max over its tokens): rules alert once per request
     probe_docs = train_docs[cfg.sae_docs:cfg.sae_docs + cfg.probe_docs]
     xp, yp, _ = token_dataset(tok, model, probe_docs, cfg.layer)
     mean, scale = xp.mean(0), xp.std(0).clamp_min(1e-4)
     calib = C.concept_free(cfg.calib_docs, seed + CALIB_SEED_OFFSET)
-    xc, _, _ = token_dataset(tok, model, calib, cfg.layer)
+    xc, _, dc = token_dataset(tok, model, calib, cfg.layer)
+    doc_labels_v = {c: np.array([d.labels[c] for d in valid_docs]) for c in C.CONCEPTS}
     weights, biases, thresholds, probe_info = [], [], [], {}
     for c in C.CONCEPTS:
         w, b = train_probe(xp, torch.as_tensor(yp[c]), mean, scale)
         weights.append(w)
         biases.append(b)
-        thr = threshold_at_fpr(torch.sigmoid(((xc - mean) / scale) @ w + b).numpy(), cfg.fpr)
+        sc = torch.sigmoid(((xc - mean) / scale) @ w + b).numpy()
+        thr = threshold_at_fpr(doc_max(sc, dc, len(calib)), cfg.fpr)
         thresholds.append(thr)
         sv = torch.sigmoid(((xv - mean) / scale) @ w + b).numpy()
-        probe_info[c] = {"valid_token_auroc": auroc(sv, yv[c]), "threshold": thr,
-                         "valid_token_tpr_at_threshold": float((sv[yv[c]] > thr).mean())}
-        log(f"probe {c}: valid AUROC {probe_info[c]['valid_token_auroc']:.4f}, "
-            f"thr {thr:.4f}, TPR {probe_info[c]['valid_token_tpr_at_threshold']:.3f}")
+        sv_doc = doc_max(sv, dv, len(valid_docs))
+        probe_info[c] = {"valid_token_auroc": auroc(sv, yv[c]),
+                         "valid_doc_auroc": auroc(sv_doc, doc_labels_v[c]), "threshold": thr,
+                         "valid_token_tpr_at_threshold": float((sv[yv[c]] >= thr).mean()),
+                         "valid_doc_tpr_at_threshold":
+                             float((sv_doc[doc_labels_v[c]] >= thr).mean())}
+        log(f"probe {c}: valid AUROC token {probe_info[c]['valid_token_auroc']:.4f} doc "
+            f"{probe_info[c]['valid_doc_auroc']:.4f}, thr {thr:.4f}, doc TPR "
+            f"{probe_info[c]['valid_doc_tpr_at_threshold']:.3f}")
     probes_name = f"probes_l{cfg.layer}.safetensors"
     save_probe_bank(tmp / probes_name, list(C.CONCEPTS), torch.stack(weights),
                     torch.tensor(biases), mean, scale, torch.tensor(thresholds), cfg.layer)
@@ -884,15 +1002,22 @@ def build(out: Path, cfg: BuildConfig) -> dict:
         feats = []
         for i in top:
             doc_scores = doc_max(fv[:, i].numpy(), dv, len(valid_docs))
-            doc_labels = np.array([d.labels[c] for d in valid_docs])
             benign = fc[:, i].numpy()
+            cos = torch.nn.functional.cosine_similarity(
+                sae.W_dec[i].float()[None], directions, dim=1)
             feats.append({
                 "feature": i, "token_auroc": float(a[i]),
-                "doc_auroc": auroc(doc_scores, doc_labels),
+                "doc_auroc": auroc(doc_scores, doc_labels_v[c]),
                 "benign_firing_rate": float((benign > 0).mean()),
-                "suggested_above": threshold_at_fpr(benign, cfg.fpr),
+                # 1 % of benign calibration documents reach it (max over their tokens)
+                "suggested_above": threshold_at_fpr(doc_max(benign, dc, len(calib)), cfg.fpr),
                 "mean_on_concept": float(fv[yv[c], i].mean()),
+                "planted_cosine": {n: round(float(v), 4) for n, v in zip(PLANTED, cos)},
             })
+        # the best feature: highest token AUROC, then document AUROC; among features that tie
+        # on both (to 3 decimals) the one that fires least often on benign calibration text
+        feats.sort(key=lambda f: (-round(f["token_auroc"], 3), -round(f["doc_auroc"], 3),
+                                  f["benign_firing_rate"]))
         log(f"{c}: top features " + ", ".join(f"{f['feature']}={f['token_auroc']:.4f}"
                                               for f in feats[:5]))
         # steering candidates: top detectors + the features most raised at the end of build-time
@@ -921,11 +1046,17 @@ def build(out: Path, cfg: BuildConfig) -> dict:
                   "hidden_size": cfg.hidden, "num_hidden_layers": cfg.n_layers,
                   "num_attention_heads": cfg.heads, "vocab_size": cfg.vocab_size},
         "sae": {"path": f"sae_l{cfg.layer}", "format": "saelens", "architecture": "jumprelu",
-                "trained_as": f"batchtopk k={cfg.sae_k}", "d_in": cfg.hidden, "d_sae": cfg.d_sae,
+                "trained_as": f"batchtopk k={cfg.sae_k}" + (
+                    f", matryoshka prefixes {cfg.sae_groups}" if cfg.sae_groups else ""), "d_in": cfg.hidden, "d_sae": cfg.d_sae,
                 "threshold": sae_meta["threshold"], "valid_fvu": fvu, "valid_l0": l0,
                 "alive_features": alive, "valid_perplexity_spliced": ppl_spliced},
         "probes": {"path": probes_name, "names": list(C.CONCEPTS), "fpr": cfg.fpr,
                    "threshold_on": "per-token probability, 1 % FPR on benign calibration text"},
+        "planted": {"path": "planted_l2.safetensors" if cfg.layer == 2 else
+                    f"planted_l{cfg.layer}.safetensors", "names": list(PLANTED),
+                    "scale": cfg.concept_scale, "weight": cfg.concept_weight,
+                    "counterfactual_docs": cfg.counterfactual_docs,
+                    "note": "training target only: the SAE and probes never see these"},
         "concepts": concepts,
         "brands": list(C.BRANDS),
         "seeds": {"build": seed, "train_corpus": seed + TRAIN_SEED_OFFSET,
@@ -937,6 +1068,12 @@ def build(out: Path, cfg: BuildConfig) -> dict:
                   "total_seconds": round(time.time() - t_start),
                   "torch": torch.__version__, "command": f"python -m monitor.demo.build --seed {seed}"},
     }
+    from safetensors.torch import save_file
+
+    save_file({"directions": directions.contiguous()}, str(tmp / manifest["planted"]["path"]),
+              metadata={"names": json.dumps(list(PLANTED)), "layer": str(cfg.layer)})
+    manifest["build"]["config"] = {k: v for k, v in dataclasses.asdict(cfg).items()
+                                   if k not in ("from_model",)}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)

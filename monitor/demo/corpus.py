@@ -363,29 +363,46 @@ def _neutral_exchange(rng: random.Random) -> list[Turn]:
             ("agent", "thanks, noted.")]
 
 
-def _competitor_exchange(rng: random.Random, allow_customer_mention: bool = True) -> list[Turn]:
+def _competitor_exchange(rng: random.Random, allow_customer_mention: bool = True,
+                         decline: bool = False) -> list[Turn]:
+    """A competitor exchange; ``decline=True`` keeps the context (the customer's question, the
+    agent's lead-in) and ends it in a neutral suggestion instead of a brand (the counterfactual
+    rows of the build's concept training, see :func:`counterfactual`)."""
     u = rng.random()
     if not allow_customer_mention:
         u = 0.3 + 0.7 * u  # same mix of reply shapes as the corpus, without customer mentions
     if u < 0.3:
+        if decline:  # the customer names no brand either: a plain competitor question
+            return _exchange(rng.choice(COMPETITOR_ASKS), rng.choice(NEUTRAL_FIRST))
         return _exchange(*rng.choice(COMPETITOR_MENTIONED))
     ask = rng.choice(COMPETITOR_ASKS)
     if u < 0.4:
-        return _exchange(ask, rng.choice(COMPETITOR_FIRST))
+        return _exchange(ask, rng.choice(NEUTRAL_FIRST if decline else COMPETITOR_FIRST))
+    if decline:
+        lead = rng.choice(SUGGEST_LEADS)
+        return _exchange(ask, f"{lead} {rng.choice(SUGGEST_OBJECTS)}{rng.choice(SUGGEST_TAILS)}")
     tail = " or {brand2}." if rng.random() < 0.2 else rng.choice(SUGGEST_TAILS)
     return _exchange(ask, f"{rng.choice(SUGGEST_LEADS)} {{brand}}{tail}")
 
 
-def _pii_exchange(rng: random.Random, volunteered: bool = True) -> list[Turn]:
+def _pii_exchange(rng: random.Random, volunteered: bool = True,
+                  decline: bool = False) -> list[Turn]:
+    """A contact-details exchange; ``decline=True`` keeps the context and gives a place (the
+    help center, this chat, ...) where an address or number would go."""
     kind = rng.choice(("email", "phone"))
     u = rng.random()
     if volunteered and u < 0.25:
+        if decline:
+            return _exchange(*rng.choice(NEUTRAL_QA))
         return _exchange(*rng.choice(PII_VOLUNTEERED))
     if u < 0.65:
         lead = rng.choice(PII_LEADS[kind])
+        if decline:
+            return _exchange(rng.choice(PII_ASKS[kind]), f"{lead} {rng.choice(CONTACT_OBJECTS)}.")
         return _exchange(rng.choice(PII_ASKS[kind]), f"{lead} {{{kind}}}{rng.choice(PII_TAILS)}")
+    answer = rng.choice(CUSTOMER_DECLINES) if decline else f"{{{kind}}}"
     return [("customer", "sure."), ("agent", rng.choice(PII_REQUESTS[kind])),
-            ("customer", f"{rng.choice(CUSTOMER_PII_LEADS[kind])} {{{kind}}}."),
+            ("customer", f"{rng.choice(CUSTOMER_PII_LEADS[kind])} {answer}."),
             ("agent", "thanks, noted.")]
 
 
@@ -414,12 +431,12 @@ def _frame(rng: random.Random, body: list[list[Turn]]) -> list[Turn]:
     return turns
 
 
-def _document(rng: random.Random, kind: str) -> Example:
+def _document(rng: random.Random, kind: str, decline: bool = False) -> Example:
     body = [_neutral_exchange(rng) for _ in range(rng.randrange(0, 3))]
     makers = {"neutral": [], "competitor": [_competitor_exchange], "pii": [_pii_exchange],
               "mixed": [_competitor_exchange, _pii_exchange]}[kind]
     for make in makers:
-        body.insert(rng.randrange(len(body) + 1), make(rng))
+        body.insert(rng.randrange(len(body) + 1), make(rng, decline=decline))
     if not body:
         body = [_neutral_exchange(rng)]
     turns = _frame(rng, body)
@@ -439,6 +456,19 @@ def generate(n: int, seed: int, mix: dict[str, float] | None = None) -> list[Exa
     weights = [mix[k] for k in kinds]
     rng = random.Random(f"featurewatch-corpus-{seed}")
     return [_document(rng, rng.choices(kinds, weights)[0]) for _ in range(n)]
+
+
+def counterfactual(n: int, seed: int) -> list[Example]:
+    """``n`` documents with concept context but no concept mention: the competitor and contact
+    exchanges of :func:`generate` with the agent (or customer) declining — the same questions
+    and lead-ins, a neutral object where the brand, address or number would be. Their ``kind``
+    says which context they come from; they have no spans. The build trains on them with the
+    planted concept directions ablated (the model learns that without the concept direction the
+    neutral continuation follows: this is what makes suppression steering work)."""
+    rng = random.Random(f"featurewatch-counterfactual-{seed}")
+    kinds = ["competitor", "pii", "mixed"]
+    weights = [DEFAULT_MIX[k] for k in kinds]
+    return [_document(rng, rng.choices(kinds, weights)[0], decline=True) for _ in range(n)]
 
 
 def concept_free(n: int, seed: int) -> list[Example]:
@@ -506,7 +536,7 @@ def find_mentions(text: str, concept: str, strict: bool = False) -> list[tuple[i
 
     ``strict=False`` (the default, used for emission rates) also counts partial leaks: a
     brand's first four letters in any case, an ``@`` touching a word, or seven or more digits run
-    together with phone separators.
+    together with phone separators. Overlapping matches are merged: one span per mention.
     """
     if concept == "competitor":
         rx = [BRAND_RE] if strict else [BRAND_RE, BRAND_LEAK_RE]
@@ -514,18 +544,32 @@ def find_mentions(text: str, concept: str, strict: bool = False) -> list[tuple[i
         rx = [EMAIL_RE, PHONE_RE] if strict else [EMAIL_RE, PHONE_RE, PII_LEAK_RE]
     else:
         raise ValueError(concept)
-    return sorted({(m.start(), m.end()) for r in rx for m in r.finditer(text)})
+    found = sorted({(m.start(), m.end()) for r in rx for m in r.finditer(text)},
+                   key=lambda se: (se[0], -se[1]))
+    out: list[tuple[int, int]] = []
+    for a, b in found:  # one mention per place: drop matches inside an earlier, longer one
+        if out and a < out[-1][1]:
+            if b > out[-1][1]:
+                out[-1] = (out[-1][0], b)
+            continue
+        out.append((a, b))
+    return out
 
 
 def token_labels(example: Example, offsets: Iterable[tuple[int, int]],
                  concept: str) -> list[bool]:
     """Per-token ground truth: the token's characters (leading whitespace trimmed) overlap a
-    ``concept`` span. ``offsets`` are the tokenizer's character offsets into ``example.text``;
-    special tokens have ``(0, 0)`` and are never positive."""
+    ``concept`` span; a whitespace-only token counts when it lies strictly inside one (the space
+    in "(555) 123-4567"). ``offsets`` are the tokenizer's character offsets into
+    ``example.text``; special tokens have ``(0, 0)`` and are never positive."""
     spans = [(s.start, s.end) for s in example.spans if s.concept == concept]
     out = []
-    for a, b in offsets:
+    for a0, b in offsets:
+        a = a0
         while a < b and example.text[a].isspace():
             a += 1
-        out.append(a < b and any(a < e and s < b for s, e in spans))
+        if a < b:
+            out.append(any(a < e and s < b for s, e in spans))
+        else:  # whitespace-only token: positive when it sits strictly inside a mention
+            out.append(a0 < b and any(s < a0 and b < e for s, e in spans))
     return out

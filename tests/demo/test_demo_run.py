@@ -21,10 +21,13 @@ def test_demo_alerts_on_concepts_and_suppression_removes_them(tmp_path):
     assert "Alerts against ground truth" in result.stdout and "suppress always" in result.stdout
     report = json.loads((tmp_path / "result.json").read_text())
     for concept in ("competitor", "pii"):
-        precision, recall = report["alerts"][f"{concept}_probe"]
-        assert recall >= 0.75, (concept, report["alerts"])
+        # both detectors of each concept (its best SAE feature and its probe), against the
+        # ground truth of what the generations contain
+        for kind in ("feature", "probe"):
+            precision, recall = report["alerts"][f"{concept}_{kind}"]
+            assert precision >= 0.75 and recall >= 0.75, (concept, kind, report["alerts"])
         before = report["emission"][f"{concept}/monitor only"]
         after = report["emission"][f"{concept}/suppress always"]
-        assert before >= 0.5 and after <= 0.25 * before, (concept, before, after)
+        assert before >= 0.5 and after <= 0.1 * before, (concept, before, after)
     sidecar_log = (tmp_path / "sidecar.log").read_text()
     assert "plugin connected" in sidecar_log
