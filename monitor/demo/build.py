@@ -42,13 +42,12 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -102,7 +101,6 @@ class BuildConfig:
     # features such as "competitor brand" land in the first groups instead of being absorbed
     # into many specific ones); empty = plain BatchTopK
     sae_groups: str = "32,128"
-    seed_concept_latents: bool = False  # initialise latents 0.. at concept-onset directions
     probe_docs: int = 3000
     valid_docs: int = 1500
     calib_docs: int = 1500
@@ -408,52 +406,11 @@ def collect_residuals(model, encoded: Sequence[Sequence[int]], layer: int,
 # SAE: BatchTopK training, JumpReLU inference (SAELens v6 files)
 
 
-class JumpReLUSAE(torch.nn.Module):
-    """Minimal JumpReLU SAE with SAELens v6 semantics (``apply_b_dec_to_input``)."""
-
-    def __init__(self, W_enc, b_enc, W_dec, b_dec, threshold) -> None:
-        super().__init__()
-        self.W_enc, self.b_enc, self.W_dec, self.b_dec, self.threshold = (
-            W_enc.float(), b_enc.float(), W_dec.float(), b_dec.float(), threshold.float())
-        self.d_in, self.d_sae = self.W_enc.shape
-
-    def pre(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.b_dec) @ self.W_enc + self.b_enc
-
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        z = self.pre(x)
-        return torch.relu(z) * (z > self.threshold)
-
-    def decode(self, f: torch.Tensor) -> torch.Tensor:
-        return f @ self.W_dec + self.b_dec
-
-    def clamp(self, x: torch.Tensor, feature, value=0.0) -> torch.Tensor:
-        """``x + (value - f_i(x)) W_dec[i]`` for one feature or several at once."""
-        idx = torch.as_tensor(feature, dtype=torch.long).reshape(-1)
-        z = (x.float() - self.b_dec) @ self.W_enc[:, idx] + self.b_enc[idx]
-        f = torch.relu(z) * (z > self.threshold[idx])
-        target = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
-        return (x.float() + (target - f) @ self.W_dec[idx]).to(x.dtype)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "JumpReLUSAE":
-        from safetensors.torch import load_file
-
-        w = load_file(str(Path(path) / "sae_weights.safetensors"))
-        return cls(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], w["threshold"])
-
-
-def train_batchtopk_sae(acts: torch.Tensor, cfg: BuildConfig, seed: int,
-                        seed_latents: Sequence[tuple[torch.Tensor, float]] = ()
-                        ) -> tuple[JumpReLUSAE, dict]:
+def train_batchtopk_sae(acts: torch.Tensor, cfg: BuildConfig, seed: int
+                        ) -> tuple[dict[str, torch.Tensor], dict]:
     """BatchTopK SAE (k active per token on average across the batch, unit-norm decoder rows,
     AuxK loss for dead latents); returns it as a JumpReLU SAE whose scalar threshold is the
-    running mean of the smallest activation BatchTopK kept.
-
-    ``seed_latents``: (direction, offset) pairs that initialise latents 0, 1, ... instead of
-    random directions (decoder row and encoder column = the unit direction, bias so that the
-    latent starts firing where the projection exceeds ``offset``); they are then trained like
-    every other latent."""
+    running mean of the smallest activation BatchTopK kept."""
     g = torch.Generator().manual_seed(seed)
     n, d = acts.shape
     m, k = cfg.d_sae, cfg.sae_k
@@ -462,10 +419,6 @@ def train_batchtopk_sae(acts: torch.Tensor, cfg: BuildConfig, seed: int,
     W_dec = torch.nn.Parameter(W_dec)
     b_dec0 = acts[torch.randperm(n, generator=g)[:8192]].median(dim=0).values
     b_enc0 = torch.zeros(m)
-    for j, (direction, offset) in enumerate(seed_latents):
-        u = direction / direction.norm()
-        W_dec.data[j] = u
-        b_enc0[j] = -(offset - float(b_dec0 @ u))
     W_enc = torch.nn.Parameter(W_dec.detach().T.clone())
     b_enc = torch.nn.Parameter(b_enc0)
     b_dec = torch.nn.Parameter(b_dec0)
@@ -525,21 +478,21 @@ def train_batchtopk_sae(acts: torch.Tensor, cfg: BuildConfig, seed: int,
             log(f"sae step {step:4d}/{cfg.sae_steps} fvu {np.mean(hist[-50:]) / float(var):.4f} "
                 f"dead {int(dead.sum())} thr {float(threshold):.3f} ({time.time() - t0:.0f}s)")
     thr = torch.full((m,), float(threshold))
-    sae = JumpReLUSAE(W_enc.detach(), b_enc.detach(), W_dec.detach(), b_dec.detach(), thr)
-    return sae, {"batchtopk_k": k, "threshold": float(threshold)}
+    weights = {"W_enc": W_enc.detach(), "b_enc": b_enc.detach(), "W_dec": W_dec.detach(),
+               "b_dec": b_dec.detach(), "threshold": thr}
+    return weights, {"batchtopk_k": k, "threshold": float(threshold)}
 
 
-def save_sae(sae: JumpReLUSAE, out: Path, layer: int, extra_meta: dict) -> None:
+def save_sae(weights: dict[str, torch.Tensor], out: Path, layer: int, extra_meta: dict) -> None:
+    """SAELens v6 JumpReLU files (``cfg.json`` + ``sae_weights.safetensors``)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    save_file({
-        "W_enc": sae.W_enc.contiguous(), "b_enc": sae.b_enc.contiguous(),
-        "W_dec": sae.W_dec.contiguous(), "b_dec": sae.b_dec.contiguous(),
-        "threshold": sae.threshold.contiguous(),
-    }, str(out / "sae_weights.safetensors"))
+    save_file({k: v.float().contiguous() for k, v in weights.items()},
+              str(out / "sae_weights.safetensors"))
+    d_in, d_sae = weights["W_enc"].shape
     cfg = {
-        "d_in": sae.d_in, "d_sae": sae.d_sae, "dtype": "float32", "device": "cpu",
+        "d_in": int(d_in), "d_sae": int(d_sae), "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": True, "normalize_activations": "none",
         "reshape_activations": "none",
         "metadata": {
@@ -554,11 +507,9 @@ def save_sae(sae: JumpReLUSAE, out: Path, layer: int, extra_meta: dict) -> None:
 
 
 def load_demo_sae(path: str | Path):
-    """``monitor.encode.load_sae`` when the engine is installed, else the minimal local class."""
-    try:
-        from monitor.encode import load_sae  # type: ignore[attr-defined]
-    except ImportError:
-        return JumpReLUSAE.load(path)
+    """The engine's SAE (``monitor.encode.load_sae``): what the sidecar serves."""
+    from monitor.encode import load_sae
+
     return load_sae(str(path))
 
 
@@ -624,56 +575,11 @@ def train_probe(x: torch.Tensor, y: torch.Tensor, mean: torch.Tensor, scale: tor
     return w.detach(), float(b.detach())
 
 
-def save_probe_bank(path: Path, names: Sequence[str], weight: torch.Tensor, bias: torch.Tensor,
-                    mean: torch.Tensor, scale: torch.Tensor, threshold: torch.Tensor,
-                    layer: int) -> None:
-    """Probe bank file per docs/ARCHITECTURE.md (``monitor.encode.save_probes`` when present)."""
-    try:
-        from monitor.encode import save_probes  # type: ignore[attr-defined]
-    except ImportError:
-        save_probes = None
-    if save_probes is not None:
-        try:
-            save_probes(str(path), names=list(names), weight=weight, bias=bias, mean=mean,
-                        scale=scale, threshold=threshold, layer=layer)
-            return
-        except TypeError:
-            pass  # a different signature: write the documented layout directly
-    from safetensors.torch import save_file
-
-    save_file({"weight": weight.float().contiguous(), "bias": bias.float().contiguous(),
-               "mean": mean.float().contiguous(), "scale": scale.float().contiguous(),
-               "threshold": threshold.float().contiguous()},
-              str(path), metadata={"names": json.dumps(list(names)), "layer": str(layer)})
-
-
 def load_demo_probes(path: str | Path):
-    """``monitor.encode.load_probes`` when the engine is installed, else :class:`Probes`."""
-    try:
-        from monitor.encode import load_probes  # type: ignore[attr-defined]
-    except ImportError:
-        return Probes(path)
+    """The engine's probe bank (``monitor.encode.load_probes``): what the sidecar serves."""
+    from monitor.encode import load_probes
+
     return load_probes(str(path))
-
-
-class Probes:
-    """Reads the probe bank layout (``monitor.encode.load_probes`` when present)."""
-
-    def __init__(self, path: str | Path) -> None:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            meta = f.metadata()
-            t = {k: f.get_tensor(k) for k in f.keys()}
-        self.names: list[str] = json.loads(meta["names"])
-        self.layer = int(meta["layer"])
-        self.weight, self.bias = t["weight"].float(), t["bias"].float()
-        self.mean = t.get("mean", torch.zeros(self.weight.shape[1]))
-        self.scale = t.get("scale", torch.ones(self.weight.shape[1]))
-        self.threshold = t.get("threshold")
-
-    def score(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(((x.float() - self.mean) / self.scale) @ self.weight.T + self.bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -910,32 +816,13 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
 
     # residuals for SAE and probes
-    sae_docs = train_docs[:cfg.sae_docs]
     res = collect_residuals(model, [ids for ids, _ in enc[:cfg.sae_docs]], cfg.layer)
     acts = torch.cat(res)
     log(f"residuals: {tuple(acts.shape)} at layer {cfg.layer}")
-    seeds_info: list[dict] = []
-    seed_latents: list[tuple[torch.Tensor, float]] = []
-    if cfg.seed_concept_latents:
-        neutral = _last_residuals(model, tok, [p.text for p in C.eliciting_prompts(
-            None, 256, seed + STEER_SEED_OFFSET + 1)], cfg.layer)
-        for c in C.CONCEPTS:
-            ps = C.eliciting_prompts(c, 256, seed + STEER_SEED_OFFSET + 1)
-            xc = _last_residuals(model, tok, [p.text for p in ps], cfg.layer)
-            kinds = {"brand": [i for i in range(len(ps))]} if c == "competitor" else {
-                "email": [i for i, p in enumerate(ps) if "@" in p.reference],
-                "phone": [i for i, p in enumerate(ps) if "@" not in p.reference]}
-            for kind, idx in kinds.items():
-                dvec = xc[idx].mean(0) - neutral.mean(0)
-                u = dvec / dvec.norm()
-                mid = float(((xc[idx] @ u).mean() + (neutral @ u).mean()) / 2)
-                seed_latents.append((dvec, mid))
-                seeds_info.append({"latent": len(seed_latents) - 1, "concept": c, "kind": kind})
-        log(f"seeded latents: {seeds_info}")
     t0 = time.time()
-    sae, sae_meta = train_batchtopk_sae(acts, cfg, seed, seed_latents)
+    sae_weights, sae_meta = train_batchtopk_sae(acts, cfg, seed)
     sae_seconds = time.time() - t0
-    save_sae(sae, tmp / f"sae_l{cfg.layer}", cfg.layer,
+    save_sae(sae_weights, tmp / f"sae_l{cfg.layer}", cfg.layer,
              {"trained_as": "matryoshka batchtopk" if cfg.sae_groups else "batchtopk",
               "matryoshka_groups": cfg.sae_groups, "batchtopk_k": cfg.sae_k, "seed": seed})
     sae = load_demo_sae(tmp / f"sae_l{cfg.layer}")  # from here on: the engine, as served
@@ -983,8 +870,11 @@ def build(out: Path, cfg: BuildConfig) -> dict:
             f"{probe_info[c]['valid_doc_auroc']:.4f}, thr {thr:.4f}, doc TPR "
             f"{probe_info[c]['valid_doc_tpr_at_threshold']:.3f}")
     probes_name = f"probes_l{cfg.layer}.safetensors"
-    save_probe_bank(tmp / probes_name, list(C.CONCEPTS), torch.stack(weights),
-                    torch.tensor(biases), mean, scale, torch.tensor(thresholds), cfg.layer)
+    from monitor.encode import save_probes
+
+    save_probes(tmp / probes_name, torch.stack(weights), torch.tensor(biases),
+                names=list(C.CONCEPTS), layer=cfg.layer, mean=mean, scale=scale,
+                threshold=torch.tensor(thresholds))
 
     # features per concept: token-level AUROC on validation text
     fc = sae.encode(xc)
