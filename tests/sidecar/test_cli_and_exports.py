@@ -8,12 +8,8 @@ import sys
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-import pytest
-
 from monitor.config import SidecarConfig
 from monitor.evaluate.state import RequestInfo
-from monitor.protocol import pb
 from monitor.receive.batch import decode_batch
 from monitor.sidecar import Sidecar
 from tests.sidecar.test_sidecar_grpc import RULES, TRACEPARENT, rows
