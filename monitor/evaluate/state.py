@@ -143,7 +143,8 @@ class RequestTable:
             high = np.full(len(states), -1, dtype=np.int64)
             np.maximum.at(high, batch.token_request, batch.positions)
             layer = batch.layer
-            for k, top in zip(np.nonzero(high >= floor)[0].tolist(), high[high >= floor].tolist()):
+            advanced = np.nonzero(high >= floor)[0]
+            for k, top in zip(advanced.tolist(), high[advanced].tolist()):
                 state = states[k]  # (max: a request listed twice in one batch must not move back)
                 state.next_position[layer] = max(state.next_position.get(layer, 0), top + 1)
         self.deduplicated_tokens += int((~keep).sum())

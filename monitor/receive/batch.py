@@ -101,7 +101,6 @@ class BatchGroup:
     positions: np.ndarray
     generated: np.ndarray
     captured_unix_s: float  # the oldest part's
-    nbytes: int
 
     @classmethod
     def of(cls, parts: list[DecodedBatch]) -> "BatchGroup":
@@ -114,8 +113,4 @@ class BatchGroup:
         return cls(parts=parts, layers=parts[0].layers, request_ids=list(ids), token_request=np.concatenate(remapped),
                    positions=np.concatenate([b.positions for b in parts]),
                    generated=np.concatenate([b.generated for b in parts]),
-                   captured_unix_s=min(captured) if captured else 0.0, nbytes=sum(b.nbytes for b in parts))
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.positions.shape[0])
+                   captured_unix_s=min(captured) if captured else 0.0)
