@@ -301,7 +301,7 @@ class Sidecar:
         if self.config.grpc_port is not None:
             servers.append(self._server(options, ingest, admin, f"{self.config.grpc_host}:{self.config.grpc_port}"))
         for server, address in servers:
-            port = server.add_insecure_port(address)
+            port = self._bind(server, address)
             if address.startswith("unix:"):
                 await server.start()
                 os.chmod(self.config.socket, 0o600)  # only this user (and the vLLM container's uid) may connect
@@ -320,6 +320,18 @@ class Sidecar:
             self._tasks.append(asyncio.create_task(self._watch_rules_file()))
         log.info("featurewatch sidecar serving: socket=%s grpc_port=%s metrics_port=%s", self.config.socket,
                  getattr(self, "grpc_port", None), getattr(self, "metrics_port", None))
+
+    @staticmethod
+    def _bind(server, address: str) -> int:
+        """Bind a port; a Unix socket is created 0600 from the start (gRPC creates it here, before
+        `start`, with the process umask: a later chmod would leave a window where others may connect)."""
+        if not address.startswith("unix:"):
+            return server.add_insecure_port(address)
+        old = os.umask(0o177)
+        try:
+            return server.add_insecure_port(address)
+        finally:
+            os.umask(old)
 
     def _server(self, options, ingest, admin, address):
         server = grpc.aio.server(options=options)
