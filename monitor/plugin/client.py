@@ -141,6 +141,12 @@ def serialize_message(m: pb.PluginMessage | bytes) -> bytes:
     return m if isinstance(m, bytes) else m.SerializeToString()
 
 
+def backoff_delay(backoff: float) -> float:
+    """Jitter in [backoff/2, backoff]: replicas restarted together do not reconnect in step, and
+    the wait never collapses to zero."""
+    return random.uniform(0.5, 1.0) * backoff
+
+
 class SidecarClient:
     """Background connection. ``hello()`` builds the Hello, ``on_connect()`` returns the messages
     to replay after it (RequestStart of live requests), ``on_message(msg)`` receives what the
@@ -232,19 +238,22 @@ class SidecarClient:
                     else str(e)
                 self.last_error = f"{type(e).__name__}: {details}"
                 logger.debug("featurewatch: stream ended: %s", self.last_error)
-            was_connected = self.connected
-            self.connected = False
-            self._drain()
-            if was_connected:
+            # on_disconnect first: whoever sees ``connected`` false finds the disconnect queued
+            if self.connected:
                 try:
                     self._on_disconnect()
                 except Exception:  # noqa: BLE001
                     logger.exception("featurewatch: on_disconnect failed")
+            self.connected = False
+            self._drain()
             if time.monotonic() - started > 5.0:
                 backoff = self.cfg.backoff_initial_s
-            # full jitter
-            self._stop.wait(random.uniform(0.5, 1.0) * backoff)
+            self._wait(backoff_delay(backoff))
             backoff = min(self.cfg.backoff_max_s, backoff * 2)
+
+    def _wait(self, delay: float) -> None:
+        """Sleep between attempts; returns early on stop (tests record the delays instead)."""
+        self._stop.wait(delay)
 
     def _drain(self) -> None:
         while True:

@@ -66,7 +66,6 @@ class FakeSidecar(pb_grpc.IngestServicer):
         self.stats: list[pb.PluginStats] = []
         self.streams: list[queue.Queue] = []
         self.on_start: Callable[[pb.RequestStart], list[pb.SteeringDirective]] | None = None
-        self.slow_s = 0.0  # sleep per received batch (to fill the plugin's queue)
         self.server: grpc.Server | None = None
 
     # -- lifecycle
@@ -118,7 +117,9 @@ class FakeSidecar(pb_grpc.IngestServicer):
             self.finishes.clear()
             self.stats.clear()
 
-    def wait_for(self, pred: Callable[[], bool], timeout: float = 30.0) -> bool:
+    def wait_for(self, pred: Callable[[], bool], timeout: float = 120.0) -> bool:
+        """Poll ``pred`` until it holds. The timeout only ends a wait for something that never
+        happens; it is generous so that a slow, shared machine never fails a test."""
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if pred():
@@ -190,8 +191,6 @@ class FakeSidecar(pb_grpc.IngestServicer):
                             self.hellos.append(msg.hello)
                         out.put(pb.SidecarMessage(plan=self.plan))
                     elif kind == "batch":
-                        if self.slow_s:
-                            time.sleep(self.slow_s)
                         with self.lock:
                             self.batches.append(msg.batch)
                     elif kind == "request_start":

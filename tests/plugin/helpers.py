@@ -231,7 +231,7 @@ def start_engine(model_path: str, root: str, *, enforce_eager: bool, plan: pb.Ta
         try:
             llm = LLM(model_path, **kwargs)
             eng = Engine(llm, sidecar, model_path)
-            assert sidecar.wait_for(lambda: eng.status().get("connected"), 30), eng.status()
+            assert sidecar.wait_for(lambda: eng.status().get("connected")), eng.status()
             yield eng
         finally:
             if llm is not None:

@@ -66,7 +66,7 @@ def server(tiny_model, tmp_path_factory):
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 assert time.monotonic() < deadline, "server did not start"
                 time.sleep(0.5)
-        assert sidecar.wait_for(sidecar.connected, 30)
+        assert sidecar.wait_for(sidecar.connected)
         yield base, sidecar
     finally:
         proc.terminate()
@@ -87,14 +87,14 @@ def test_request_id_metadata_and_traceparent_reach_the_sidecar(server):
                 {"X-Request-Id": "client-42", "traceparent": TRACEPARENT})
     assert out["id"] == "cmpl-client-42"
     assert sidecar.wait_for(lambda: any(s.api_request_id == "cmpl-client-42"
-                                        for s in sidecar.starts.values()), 10)
+                                        for s in sidecar.starts.values()))
     rid, start = next((k, s) for k, s in sidecar.starts.items()
                       if s.api_request_id == "cmpl-client-42")
     assert rid.startswith("cmpl-client-42-")
     assert dict(start.metadata) == {"tenant": "acme", "n_users": "3", "tags": '["a", "b"]'}
     assert start.traceparent == TRACEPARENT
     assert start.prompt_tokens == out["usage"]["prompt_tokens"]
-    assert sidecar.wait_for(lambda: rid in sidecar.finishes, 10)
+    assert sidecar.wait_for(lambda: rid in sidecar.finishes)
     assert sidecar.finishes[rid].finish_reason == "length"
     assert sidecar.finishes[rid].generated_tokens == 5
     acts = sidecar.activations(rid)

@@ -4,7 +4,6 @@ process, as vLLM runs by default), the fake sidecar in this process on a Unix so
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -63,7 +62,7 @@ def test_tap_matches_hf(eng, hf):
             hs = hf.model(torch.tensor([p + ref_gen[:-1]]), output_hidden_states=True).hidden_states
         for layer in (0, 1, 2):
             np.testing.assert_allclose(ref_layers[layer], hs[layer + 1][0].numpy(), atol=1e-5)
-    assert eng.sidecar.wait_for(lambda: len(eng.sidecar.finishes) >= 2, 10)
+    assert eng.sidecar.wait_for(lambda: len(eng.sidecar.finishes) >= 2)
     fin = eng.sidecar.finishes[eng.sidecar.find_request(case="tap0")]
     assert fin.generated_tokens == 6
 
@@ -144,24 +143,25 @@ def test_killing_the_sidecar_fails_no_request(eng):
     t = threading.Thread(target=run)
     t.start()
     assert eng.sidecar.wait_for(lambda: len(eng.sidecar.batches) > 0 and any(
-        s.metadata.get("case") == "kill0" for s in eng.sidecar.starts.values()), 60)
+        s.metadata.get("case") == "kill0" for s in eng.sidecar.starts.values()))
     eng.sidecar.stop()  # abrupt: streams cancelled mid-run
-    t.join(120)
-    assert not t.is_alive()
+    t.join()
     assert len(results) == 1 and all(len(o) == 48 for o in results[0])
+    assert eng.sidecar.wait_for(lambda: not eng.status()["connected"])
+    eng.generate(prompts(1, 4, seed=9), 1, [{"case": "step"}])  # a step applies the disconnect
     st = eng.status()
-    assert not st["connected"] and st["last_error"]
+    assert st["last_error"]
     assert st["plan"] is None  # failure mode "open": steering state dropped with the sidecar
     # it comes back: the plugin reconnects with backoff, says Hello again and gets the plan
     eng.sidecar.start()
-    assert eng.sidecar.wait_for(lambda: eng.status()["connected"], 30)
+    assert eng.sidecar.wait_for(lambda: eng.status()["connected"])
     assert len(eng.sidecar.hellos) == hellos + 1
     assert eng.status()["counters"]["reconnects"] >= 1
     n0 = len(eng.sidecar.batches)
     out = eng.generate(prompts(1, 10, seed=8), 4, [{"steer": "policy", "case": "after"}])
     assert len(out[0]) == 4
-    assert eng.sidecar.wait_for(lambda: len(eng.sidecar.batches) > n0, 10)
+    assert eng.sidecar.wait_for(lambda: len(eng.sidecar.batches) > n0)
     rid = eng.sidecar.find_request(case="after")
     assert eng.sidecar.starts[rid].steering_policy == "clamp_add"
-    time.sleep(0.6)  # stats are periodic
-    assert eng.sidecar.stats and eng.sidecar.stats[-1].reconnects >= 1
+    # stats are periodic: wait for one sent after the reconnect
+    assert eng.sidecar.wait_for(lambda: any(s.reconnects >= 1 for s in eng.sidecar.stats))

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -320,43 +321,77 @@ def _client(address, **cfg):
     return c, counters
 
 
+class _Gate:
+    """Stands in for a BatchItem's CUDA event: the sender thread blocks in ``synchronize()`` until
+    the test opens the gate, so the client is stuck exactly as behind a slow device copy."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.open = threading.Event()
+
+    def synchronize(self) -> None:
+        self.entered.set()
+        assert self.open.wait(120), "gate never opened"
+
+
 def test_client_drops_when_full_never_blocks_and_reconnects(tmp_path):
     address = f"unix://{tmp_path}/s.sock"
     sidecar = FakeSidecar(address).start()
-    sidecar.slow_s = 0.5  # a stuck sidecar
     client, counters = _client(address, queue_batches=2)
     client.start()
+    gate = _Gate()
     try:
-        assert sidecar.wait_for(lambda: client.connected, 10)
-        worst = 0.0
-        for _ in range(50):
-            t0 = time.perf_counter()
-            client.offer(_item())
-            worst = max(worst, time.perf_counter() - t0)
-        assert worst < 0.05
-        assert counters.batches_dropped_queue_full >= 40
-        assert counters.batches_enqueued <= 10
+        assert sidecar.wait_for(lambda: client.connected)
+        stuck = _item()
+        stuck.event = gate
+        assert client.offer(stuck)
+        assert gate.entered.wait(120)  # the sender holds the first item: the queue cannot drain
+        accepted = [client.offer(_item()) for _ in range(49)]
+        # the held item still counts against queue_batches=2: exactly one more fits
+        assert accepted == [True] + [False] * 48
+        assert counters.batches_enqueued == 2 and counters.batches_dropped_queue_full == 48
+        assert client.queue_depth == 2
+        gate.open.set()
+        assert sidecar.wait_for(lambda: len(sidecar.batches) == 2)
+        assert sidecar.wait_for(lambda: client.queue_depth == 0)
+        assert counters.batches_sent == 2
         sidecar.stop()
-        assert sidecar.wait_for(lambda: not client.connected, 10)
+        assert sidecar.wait_for(lambda: not client.connected)
         assert not client.offer(_item()) and counters.batches_dropped_disconnected >= 1
-        sidecar.slow_s = 0.0
         sidecar.start()
-        assert sidecar.wait_for(lambda: client.connected, 10)
+        assert sidecar.wait_for(lambda: client.connected)
         assert len(sidecar.hellos) == 2 and counters.reconnects >= 1
-        client.offer(_item())
-        assert sidecar.wait_for(lambda: any(s.reconnects >= 1 for s in sidecar.stats), 5)
+        assert client.offer(_item())
+        assert sidecar.wait_for(lambda: len(sidecar.batches) == 3)
+        assert sidecar.wait_for(lambda: any(s.reconnects >= 1 for s in sidecar.stats))
     finally:
+        gate.open.set()
         client.stop()
         sidecar.stop()
 
 
 def test_client_backs_off_while_the_sidecar_is_down(tmp_path):
+    """Every failed attempt waits a full-jitter delay of an exponentially growing, capped backoff.
+    The waits are recorded instead of slept, so nothing here depends on the clock."""
     client, counters = _client(f"unix://{tmp_path}/none.sock", backoff_initial_s=0.05,
-                               backoff_max_s=0.1)
+                               backoff_max_s=0.2)
+    waits: list[float] = []
+    done = threading.Event()
+
+    def record(delay: float) -> None:
+        waits.append(delay)
+        if len(waits) == 5:
+            client._stop.set()
+            done.set()
+
+    client._wait = record
     client.start()
-    time.sleep(2.6)  # connection attempts time out after 1 s, then 0.05-0.1 s of jittered backoff
+    assert done.wait(120)
     client.stop()
-    assert not client.connected and 2 <= counters.reconnects <= 4 and client.last_error
+    caps = [0.05, 0.1, 0.2, 0.2, 0.2]
+    assert all(0.5 * cap <= w <= cap for w, cap in zip(waits, caps, strict=True)), waits
+    assert not client.connected and counters.reconnects == 4 and client.last_error
+    assert counters.batches_dropped_disconnected == 0
 
 
 def test_unset_address_means_loaded_idle():
