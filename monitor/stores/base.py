@@ -6,6 +6,10 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 
+class StoreUnavailable(ConnectionError):
+    """The store could not be reached for an operation whose caller must know (put, tail)."""
+
+
 @dataclass(frozen=True)
 class StoredRules:
     """One version of the rules YAML as a store holds it."""
