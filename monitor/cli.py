@@ -31,7 +31,9 @@ TokenOpt = typer.Option(None, "--token", envvar="FEATUREWATCH_ADMIN_TOKEN", help
 
 
 def _fail(message: str, code: int = 1) -> None:
-    err.print(f"[red]error:[/red] {message}")
+    from rich.markup import escape
+
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)  # a message may hold user text with [brackets]
     raise typer.Exit(code)
 
 
@@ -54,7 +56,11 @@ def serve(config: Path = typer.Option(..., "--config", "-c", exists=True, dir_ok
 @rules_app.command("validate")
 def rules_validate(file: Path = typer.Argument(..., exists=True, dir_okay=False),
                    config: Optional[Path] = typer.Option(None, "--config", "-c", help="Also check sources, features and probes against this sidecar config.")) -> None:
-    """Check a rules file; with --config, compile it against the configured SAEs and probes."""
+    """Check a rules file; with --config, compile it against the configured SAEs and probes.
+
+    Exit 0: valid; 2: refused (every problem printed with file, rule/policy and field)."""
+    from rich.markup import escape
+
     from monitor.evaluate.rules import RulesInvalid, load_rules_file
 
     try:
@@ -70,12 +76,13 @@ def rules_validate(file: Path = typer.Argument(..., exists=True, dir_okay=False)
                 cfg = load_config(config)
             except ConfigError as exc:
                 _fail(str(exc), 2)
-            compiled = load_and_compile(file, Dictionaries(cfg.sources))
+            compiled = load_and_compile(file, Dictionaries(cfg.sources), layers=cfg.layers(),
+                                        direction_dirs=cfg.direction_roots(rules_file=file))
             n_rules, n_policies = len(compiled.rules), len(compiled.policies)
     except RulesInvalid as exc:
         for e in exc.errors:
-            err.print(f"[red]✗[/red] {e}")
-        raise typer.Exit(1)
+            err.print(f"[red]✗[/red] {escape(str(e))}", highlight=False)
+        raise typer.Exit(2)
     checked = "schema and references" if config else "schema only (pass --config to check references)"
     console.print(f"[green]✓[/green] {file}: {n_rules} rules, {n_policies} policies valid ({checked})")
 
@@ -105,14 +112,20 @@ def rules_apply(file: Path = typer.Argument(..., exists=True, dir_okay=False), a
                 token: Optional[str] = TokenOpt, author: str = typer.Option(os.environ.get("USER", "cli"), help="Recorded in the audit stream."),
                 dry_run: bool = typer.Option(False, "--dry-run", help="Validate and compile on the sidecar only.")) -> None:
     """Send a rules file to a running sidecar (validated and compiled there before it is stored)."""
+    from rich.markup import escape
+
+    from monitor.evaluate.rules import RulesInvalid, format_error, read_rules_text
     from monitor.protocol import pb
 
+    try:
+        text = read_rules_text(file)  # not UTF-8, over 1 MiB, not a regular file: refused here
+    except RulesInvalid as exc:
+        _fail(str(exc), 2)
     stub, md = _admin(address, token)
-    reply = _rpc(lambda: stub.PutRules(pb.PutRulesRequest(yaml=file.read_text(), author=author, dry_run=dry_run), metadata=md, timeout=30))
+    reply = _rpc(lambda: stub.PutRules(pb.PutRulesRequest(yaml=text, author=author, dry_run=dry_run), metadata=md, timeout=30))
     if not reply.ok:
         for e in reply.errors:
-            where = f"rule {e.rule!r}" if e.rule else "file"
-            err.print(f"[red]✗[/red] {file}: {where} field {e.field!r}: {e.message}")
+            err.print(f"[red]✗[/red] {escape(format_error(str(file), e.rule, e.field, e.message))}", highlight=False)
         _fail("rules rejected; the sidecar keeps its current rules")
     verb = "valid (dry run)" if dry_run else f"applied as version {reply.version}"
     console.print(f"[green]✓[/green] {reply.rules} rules, {reply.policies} policies {verb}")

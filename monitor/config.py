@@ -29,6 +29,8 @@ class StoreConfig(_Strict):
     url: str = "redis://127.0.0.1:6379/0"
     prefix: str = "featurewatch"
     events_maxlen: int = Field(default=100_000, ge=100)
+    # Redis away: up to this many events wait in memory, then the oldest are dropped (and counted).
+    events_buffer_max: int = Field(default=10_000, ge=1)
     reconcile_interval_s: float = Field(default=10.0, gt=0)
 
 
@@ -71,6 +73,8 @@ class SidecarConfig(_Strict):
     tap_layers: list[int] | None = None  # default: the layers the sources need
     token_scope: Literal["all", "prompt", "generated"] = "all"
     rules_file: Path | None = None
+    # The only directories `add.direction_file` may read from (default: the rules file's directory).
+    direction_dirs: list[Path] | None = None
     rules_poll_interval_s: float = Field(default=1.0, gt=0)
     store_counters_interval_s: float = Field(default=5.0, gt=0)
     store: StoreConfig = StoreConfig()
@@ -96,6 +100,13 @@ class SidecarConfig(_Strict):
     def layers(self) -> list[int]:
         return sorted(set(self.tap_layers or [s.layer for s in self.sources]))
 
+    def direction_roots(self, rules_file: Path | None = None) -> list[Path]:
+        """Where direction files may come from: `direction_dirs`, else the rules file's directory."""
+        if self.direction_dirs is not None:
+            return list(self.direction_dirs)
+        rules_file = rules_file or self.rules_file
+        return [rules_file.parent] if rules_file is not None else []
+
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file, field and value."""
@@ -116,6 +127,9 @@ def load_config(path: str | Path) -> SidecarConfig:
             source["path"] = str(base / source["path"])
     if raw.get("rules_file") and not Path(raw["rules_file"]).is_absolute():
         raw["rules_file"] = str(base / raw["rules_file"])
+    if isinstance(raw.get("direction_dirs"), list):
+        raw["direction_dirs"] = [str(base / d) if isinstance(d, str) and not Path(d).is_absolute() else d
+                                 for d in raw["direction_dirs"]]
     try:
         return SidecarConfig.model_validate(raw)
     except ValidationError as exc:

@@ -90,7 +90,8 @@ class Sidecar:
         return self.pipeline.rules
 
     def compile(self, text: str, file: str, version: int = 0) -> CompiledRules:
-        return compile_rules(text, self.dictionaries, version, file)
+        return compile_rules(text, self.dictionaries, version, file, layers=self.config.layers(),
+                             direction_dirs=self.config.direction_roots())
 
     def _load_initial_rules(self) -> None:
         """Start-up is strict (a bad rules file stops `serve` with the error); reloads are not."""

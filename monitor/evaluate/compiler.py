@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterable, Sequence
 
-from monitor.act.steering import build_steering_action
+from monitor.act.steering import DirectionRefused, build_steering_action
 from monitor.encode.stage import Dictionaries, EncodeStage, SignalKey
 from monitor.evaluate.rules import (
     CountWindow,
@@ -18,9 +19,9 @@ from monitor.evaluate.rules import (
     FeatureSignal,
     RuleError,
     RulesInvalid,
-    SteerAction,
     SteerSpec,
     parse_rules,
+    read_rules_text,
 )
 from monitor.protocol import pb
 
@@ -64,11 +65,18 @@ class CompiledRules:
         return sorted(self.encode.layers)
 
 
-def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file: str = "<rules>") -> CompiledRules:
-    """Validate and compile; raise RulesInvalid listing every problem with file, rule and field."""
+def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file: str = "<rules>", *,
+                  layers: Iterable[int] | None = None, direction_dirs: Sequence[str | Path] = ()) -> CompiledRules:
+    """Validate and compile; raise RulesInvalid listing every problem with file, rule/policy and field.
+
+    `layers`: the layers the sidecar asks the plugin to tap (config `tap_layers`) besides its sources'
+    layers; steering on any other layer is refused. `direction_dirs`: the only directories `add.direction_file`
+    may read from (a relative path resolves against the first).
+    """
     spec = parse_rules(text, file)
     errors: list[RuleError] = []
-    checker = _References(dictionaries, file, errors)
+    hooked = sorted(set(layers or ()) | {c.layer for c in dictionaries.configs.values()})
+    checker = _References(dictionaries, file, errors, hooked, [Path(d) for d in direction_dirs])
     keys: list[SignalKey] = []
     for rule in spec.rules:
         if isinstance(rule.signal, FeatureSignal):
@@ -77,14 +85,15 @@ def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file:
         else:
             if checker.probe(rule.name, "signal", rule.signal.source, rule.signal.probe):
                 keys.append(SignalKey(rule.signal.source, probe=rule.signal.probe))
-    steering = {rule.name: _compile_steering(rule.name, [a.steer for a in rule.actions if isinstance(a, SteerAction)], checker)
+    steering = {rule.name: [checker.steering(rule.name, f"actions[{i}].steer", a.steer)
+                            for i, a in enumerate(rule.actions) if a.steer is not None]
                 for rule in spec.rules}
-    policies = []
-    for policy in spec.policies:
-        actions = _compile_steering(policy.name, policy.steer, checker, field="steer")
-        policies.append(pb.SteeringPolicy(name=policy.name, selector=policy.selector, actions=actions))
+    policy_actions = [[checker.steering(p.name, f"steer[{i}]", s, kind="policy") for i, s in enumerate(p.steer)]
+                      for p in spec.policies]
     if errors:
         raise RulesInvalid(errors)
+    policies = [pb.SteeringPolicy(name=p.name, selector=p.selector, actions=actions)
+                for p, actions in zip(spec.policies, policy_actions)]
 
     encode = EncodeStage(dictionaries, keys)
     compiled = []
@@ -98,7 +107,7 @@ def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file:
             window=window.kind,
             count_n=window.n if isinstance(window, CountWindow) else 1,
             ema_alpha=window.alpha if isinstance(window, EmaWindow) else 1.0,
-            alert=any(not isinstance(a, SteerAction) for a in rule.actions),
+            alert=any(a.alert is not None for a in rule.actions),
             steering=tuple(steering[rule.name]),
         ))
     feature_keys = tuple(k for k in dict.fromkeys(keys) if k.feature is not None)
@@ -106,22 +115,24 @@ def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file:
 
 
 class _References:
-    """Checks names and indices against the loaded dictionaries, collecting errors."""
+    """Checks names, indices, layers and files against what the sidecar has loaded, collecting errors."""
 
-    def __init__(self, dictionaries: Dictionaries, file: str, errors: list[RuleError]) -> None:
+    def __init__(self, dictionaries: Dictionaries, file: str, errors: list[RuleError], layers: list[int],
+                 direction_dirs: list[Path]) -> None:
         self.d, self.file, self.errors = dictionaries, file, errors
+        self.layers, self.direction_dirs = layers, direction_dirs
 
-    def _fail(self, rule: str, field: str, message: str) -> bool:
-        self.errors.append(RuleError(self.file, rule, field, message))
+    def _fail(self, rule: str, field: str, message: str, kind: str = "rule") -> bool:
+        self.errors.append(RuleError(self.file, rule, field, message, kind))
         return False
 
-    def feature(self, rule: str, field: str, source: str, feature: int) -> bool:
+    def feature(self, rule: str, field: str, source: str, feature: int, kind: str = "rule") -> bool:
         if source not in self.d.saes:
             known = sorted(self.d.saes)
-            return self._fail(rule, f"{field}.source", f"unknown SAE source {source!r} (configured: {known})")
+            return self._fail(rule, f"{field}.source", f"unknown SAE source {source!r} (configured: {known})", kind)
         d_sae = self.d.saes[source].d_sae
         if feature >= d_sae:
-            return self._fail(rule, f"{field}.feature", f"feature {feature} out of range for {source!r} (d_sae={d_sae})")
+            return self._fail(rule, f"{field}.feature", f"feature {feature} out of range for {source!r} (d_sae={d_sae})", kind)
         return True
 
     def probe(self, rule: str, field: str, source: str, probe: str) -> bool:
@@ -130,33 +141,26 @@ class _References:
             return self._fail(rule, f"{field}.source", f"unknown probe source {source!r} (configured: {known})")
         names = list(self.d.probes[source].names)
         if probe not in names:
-            return self._fail(rule, f"{field}.probe", f"unknown probe {probe!r} in {source!r} (has: {names})")
+            return self._fail(rule, f"{field}.probe", f"unknown probe {probe!r} in {source!r} (has: {names[:20]})")
         return True
 
-    def steering(self, rule: str, field: str, spec: SteerSpec) -> pb.SteeringAction | None:
+    def steering(self, rule: str, field: str, spec: SteerSpec, kind: str = "rule") -> pb.SteeringAction | None:
+        what = "clamp" if spec.clamp is not None else "add"
         target = spec.clamp or spec.add
-        if getattr(target, "source", None) is not None and not self.feature(rule, f"{field}.source", target.source, target.feature):
+        if target.source is not None and not self.feature(rule, f"{field}.{what}", target.source, target.feature, kind):
             return None
+        layer = target.layer if target.layer is not None else self.d.layer_of(target.source)
+        if layer not in self.layers:
+            return self._fail(rule, f"{field}.{what}.layer", f"layer {layer} is not hooked by this sidecar "
+                              f"(its layers: {self.layers}; add it to tap_layers)", kind) or None
         try:
-            return build_steering_action(spec, self.d)
+            return build_steering_action(spec, self.d, self.direction_dirs)
+        except DirectionRefused as exc:
+            return self._fail(rule, f"{field}.add.{exc.field}", str(exc), kind) or None
         except (ValueError, OSError) as exc:
-            self._fail(rule, field, str(exc))
-            return None
+            return self._fail(rule, f"{field}.{what}", str(exc), kind) or None
 
 
-def _compile_steering(name: str, specs: list[SteerSpec], checker: _References, field: str = "actions") -> list:
-    actions = []
-    for i, spec in enumerate(specs):
-        action = checker.steering(name, f"{field}[{i}].steer" if field == "actions" else f"{field}[{i}]", spec)
-        if action is not None:
-            actions.append(action)
-    return actions
-
-
-def load_and_compile(path: str | Path, dictionaries: Dictionaries, version: int = 0) -> CompiledRules:
+def load_and_compile(path: str | Path, dictionaries: Dictionaries, version: int = 0, **options) -> CompiledRules:
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise RulesInvalid([RuleError(str(path), "", "", f"cannot read: {exc}")]) from exc
-    return compile_rules(text, dictionaries, version, str(path))
+    return compile_rules(read_rules_text(path), dictionaries, version, str(path), **options)

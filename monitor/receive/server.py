@@ -143,8 +143,13 @@ class AdminService(pb_grpc.AdminServicer):
         await self._authorize(context)
         try:
             compiled = await asyncio.to_thread(self.sidecar.compile, request.yaml, "<admin>")
-        except RulesInvalid as exc:
-            return pb.PutRulesResponse(ok=False, errors=[pb.RuleError(file=e.file, rule=e.rule, field=e.field, message=e.message) for e in exc.errors])
+        except RulesInvalid as exc:  # refused, naming file, rule ("policy:<name>" for a policy) and field
+            return pb.PutRulesResponse(ok=False, errors=[
+                pb.RuleError(file=e.file, rule=e.wire_rule, field=e.field, message=e.message) for e in exc.errors])
+        except Exception as exc:  # a compile failure nothing anticipated: still the input's fault, never UNKNOWN
+            log.exception("PutRules: rules could not be compiled")
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"rules could not be compiled, rules in force unchanged: {type(exc).__name__}: {str(exc)[:200]}")
         version = self.sidecar.rule_store.get().version
         if not request.dry_run:
             try:

@@ -43,7 +43,7 @@ def test_rules_validate_reports_file_rule_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(RULES.replace("feature: 3}", "feature: 77}", 1))
     failed = cli("rules", "validate", str(bad), "--config", str(tmp_path / "fw.yaml"))
-    assert failed.returncode == 1
+    assert failed.returncode == 2
     assert f"{bad}: rule 'planted_feature' field 'signal.feature': feature 77 out of range" in " ".join(failed.stderr.split())
 
 

@@ -62,7 +62,7 @@ rules:
         compile_rules(text, dictionaries, file="r.yaml")
     found = {(e.rule, e.field) for e in exc.value.errors}
     assert found == {("a", "signal.source"), ("b", "signal.feature"), ("c", "signal.probe"),
-                     ("d", "actions[0].steer.source.feature")}
+                     ("d", "actions[0].steer.clamp.feature")}
     assert any("out of range for 'sae' (d_sae=32)" in e.message for e in exc.value.errors)
 
 
