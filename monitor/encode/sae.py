@@ -186,12 +186,19 @@ class SAE:
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SAE:
         """Move (in place) to a device; weights in the compute dtype, thresholds stay fp32."""
         device = torch.device(device) if device is not None else self.device
-        self.dtype = compute_dtype(device, dtype)
-        self.device = device
+        new_dtype = compute_dtype(device, dtype)
+        moved = {}
         for name in self._weight_names:
             t = getattr(self, name)
             if t is not None:
-                setattr(self, name, t.to(device=device, dtype=self.dtype).contiguous())
+                moved[name] = cast = t.to(device=device, dtype=new_dtype).contiguous()
+                if new_dtype == torch.float16:  # max 65504: a real weight can overflow to inf
+                    n_bad = int((~torch.isfinite(cast)).sum())
+                    if n_bad:  # refused before anything moves: the SAE stays as it was
+                        raise ValueError(f"{name}: {n_bad} of {cast.numel()} values overflow {new_dtype}; use bfloat16")
+        self.dtype, self.device = new_dtype, device
+        for name, cast in moved.items():
+            setattr(self, name, cast)
         for name in self._fp32_names:
             setattr(self, name, getattr(self, name).to(device=device, dtype=torch.float32).contiguous())
         self._prepared()

@@ -154,3 +154,127 @@ def test_saelens_covariance_whitening_unfolded(tmp_path):
 
 def test_topk_without_k(tmp_path):
     refused(saelens_dir(tmp_path, arch="topk"), "topk SAE without k")
+
+
+# ---- issue 10, item 12: the engine's refusals name the right file and say what is wrong -----
+def gemmascope2_dir(path: Path, config: dict | None, **extra_tensors) -> Path:
+    """A Gemma Scope 2 folder as HuggingFace publishes it: params.safetensors + config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    t = {"w_enc": torch.randn(D_IN, D_SAE), "w_dec": torch.randn(D_SAE, D_IN), "b_enc": torch.zeros(D_SAE),
+         "b_dec": torch.zeros(D_IN), "threshold": torch.full((D_SAE,), 0.1), **extra_tensors}  # fmt: skip
+    save_file(t, str(path / "params.safetensors"))
+    if config is not None:
+        (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+GS2_SAE_CONFIG = {
+    "hf_hook_point_in": "model.layers.5.output", "hf_hook_point_out": "model.layers.5.output",
+    "width": D_SAE, "model_name": "gemma-v3-270m-pt", "architecture": "jump_relu", "l0": 10,
+    "affine_connection": False, "type": "sae",
+}  # fmt: skip
+GS2_TRANSCODER_CONFIG = {
+    **GS2_SAE_CONFIG, "type": "transcoder",
+    "hf_hook_point_in": "model.layers.5.pre_feedforward_layernorm.output",
+    "hf_hook_point_out": "model.layers.5.post_feedforward_layernorm.output",
+}  # fmt: skip
+
+
+def test_gemmascope2_sae_config_loads(tmp_path):
+    """The published SAE config (type sae, hook out == hook in, no affine connection) is served."""
+    assert load_sae(gemmascope2_dir(tmp_path, GS2_SAE_CONFIG)).d_sae == D_SAE
+
+
+@pytest.mark.parametrize(
+    "config,match",
+    [
+        (GS2_TRANSCODER_CONFIG, r"config.json: .*type.*'transcoder'"),
+        ({**GS2_TRANSCODER_CONFIG, "type": "sae"}, r"config.json: .*hf_hook_point_out.*post_feedforward_layernorm"),
+        ({k: v for k, v in GS2_TRANSCODER_CONFIG.items() if k != "type"}, r"config.json: .*hf_hook_point_out"),
+        ({**GS2_SAE_CONFIG, "type": None, "affine_connection": True}, r"config.json: .*affine_connection"),
+    ],
+)
+def test_gemmascope2_transcoder_without_skip_is_refused(tmp_path, config, match):
+    """A transcoder has the shapes of an SAE (d_out == d_in); only its config.json tells."""
+    e = refused(gemmascope2_dir(tmp_path, config), match)
+    assert e.path.endswith("config.json") and "transcoder" in str(e)
+
+
+def test_gemmascope2_skip_transcoder_names_the_tensor(tmp_path):
+    e = refused(gemmascope2_dir(tmp_path, None, affine_skip_connection=torch.zeros(D_IN, D_IN)), "affine_skip_connection")
+    assert e.path.endswith("params.safetensors")
+
+
+def _expected_average(path: Path) -> Path:
+    return saelens_dir(path, normalize_activations="expected_average_only_in")
+
+
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        ("{not json", "activation_scaler.json: unreadable JSON"),
+        ("[0.5]", "activation_scaler.json: .*not a JSON object"),
+        ('{"scaling_factor": -2}', r"activation_scaler.json: scaling_factor -2 is not a positive"),
+        ('{"scaling_factor": "0.5"}', r"activation_scaler.json: scaling_factor '0.5' is not a positive"),
+        ('{"scaling_factor": NaN}', r"activation_scaler.json: scaling_factor nan is not a positive"),
+        ('{"scaling_factor": true}', r"activation_scaler.json: scaling_factor True is not a positive"),
+    ],
+)
+def test_bad_activation_scaler_names_its_own_file(tmp_path, content, match):
+    d = _expected_average(tmp_path)
+    (d / "activation_scaler.json").write_text(content)
+    e = refused(d, match)
+    assert e.path.endswith("activation_scaler.json")
+
+
+def test_bad_norm_scaling_factor_in_cfg_and_argument(tmp_path):
+    d = saelens_dir(tmp_path, normalize_activations="expected_average_only_in", norm_scaling_factor=-1)
+    e = refused(d, r"cfg.json: norm_scaling_factor -1 is not a positive")
+    assert e.path.endswith("cfg.json")
+    d2 = _expected_average(tmp_path / "b")
+    refused(d2, r"norm_scaling_factor= argument: nan is not a positive", norm_scaling_factor=float("nan"))
+    refused(d2, r"norm_scaling_factor= argument: 0.0 is not a positive", norm_scaling_factor=0.0)
+
+
+def _goodfire_bytes(zip_format: bool) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"encoder_linear.weight": torch.randn(D_SAE, D_IN), "encoder_linear.bias": torch.zeros(D_SAE),
+                "decoder_linear.weight": torch.randn(D_IN, D_SAE), "decoder_linear.bias": torch.zeros(D_IN)},
+               buf, _use_new_zipfile_serialization=zip_format)  # fmt: skip
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+@pytest.mark.parametrize("keep", [0.5, 0.9, 1000, 200, 100, 10, 3, 0])
+def test_truncated_torch_file(tmp_path, keep, zip_format):
+    """A cut-off download: the message says so (not "Errno 22" or miniz internals)."""
+    data = _goodfire_bytes(zip_format)
+    (tmp_path / "whole.pt").write_bytes(data)
+    assert load_sae(tmp_path / "whole.pt").d_sae == D_SAE
+    n = int(len(data) * keep) if isinstance(keep, float) else keep
+    (tmp_path / "sae.pt").write_bytes(data[:n])
+    e = refused(tmp_path / "sae.pt", r"sae.pt: (truncated|empty)")
+    assert "Errno" not in str(e) and "miniz" not in str(e) and len(str(e)) < 400
+    assert e.path.endswith("sae.pt")
+
+
+def test_pickle_refusal_is_our_own_plain_message(tmp_path):
+    """torch's weights-only message has ANSI bold codes and advises weights_only=False; ours
+    names the offending global and never suggests running the pickle."""
+    with open(tmp_path / "sae.pt", "wb") as f:
+        pickle.dump({"encoder_linear.weight": _Payload(tmp_path / "pwned")}, f)
+    torch.save({"encoder_linear.weight": _Payload(tmp_path / "pwned")}, tmp_path / "sae2.pt")
+    for name in ("sae.pt", "sae2.pt"):
+        e = refused(tmp_path / name, r"sae2?.pt: refused: not a weights-only torch file: it pickles .*pathlib\.Path")
+        text = str(e)
+        assert "\x1b" not in text and "weights_only" not in text and "\n" not in text
+        assert not (tmp_path / "pwned").exists()
+
+
+def test_error_messages_are_clean_and_short(tmp_path):
+    """Control characters in a value from a file never reach the message; long values are cut."""
+    d = saelens_dir(tmp_path, arch="standard", architecture="\x1b[31mred\x1b[0m" + "x" * 5000)
+    e = refused(d, "unknown SAE architecture")
+    assert "\x1b" not in str(e) and len(str(e)) < 600
