@@ -5,6 +5,9 @@ File (safetensors): ``weight [P, d]``, ``bias [P]``, optional ``mean [d]``/``sca
 probability ``sigmoid(a·logit + b)``), ``threshold [P]`` (decision threshold on the probability,
 e.g. set at 1 % FPR on benign traffic); metadata ``{"names": JSON list, "layer": "N"}``.
 The standardisation is folded into the weights at load, so scoring is one addmm.
+
+Every tensor must be finite and within ``checks.MAX_MAGNITUDE`` (1e20), and so must the
+folded weights (a tiny ``scale`` would overflow them); ``scale`` may not contain 0.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .errors import ProbeFormatError
+from .checks import tensor_problem
+from .errors import ProbeFormatError, short
 
 _OPTIONAL = ("mean", "scale", "platt_a", "platt_b", "threshold")
 
@@ -49,12 +53,7 @@ class ProbeBank:
         self.layer = int(layer)
         self.device = torch.device(device)
         self.source = {k: v for k, v in tensors.items()}  # as given, float32 on CPU (for save)
-        w = tensors["weight"].double()
-        b = tensors["bias"].double()
-        if "scale" in tensors:
-            w = w / tensors["scale"].double()
-        if "mean" in tensors:
-            b = b - w @ tensors["mean"].double()
+        w, b = _folded(tensors, "<probes>")
         self._W = w.T.contiguous().float().to(self.device)  # [d, P]
         self._b = b.float().to(self.device)
         self.calibrated = "platt_a" in tensors
@@ -145,12 +144,15 @@ def _validated(tensors: dict[str, Any], names: Sequence[str], path: str | Path =
     for k, t in out.items():
         if k in shapes and tuple(t.shape) != shapes[k]:
             raise ProbeFormatError(path, f"{k} has shape {list(t.shape)}, expected {list(shapes[k])} (weight is [{P}, {d}])")
-        if not torch.isfinite(t).all():
-            raise ProbeFormatError(path, f"{k} contains NaN or inf")
+        problem = tensor_problem(k, t)
+        if problem:
+            raise ProbeFormatError(path, problem)
     if ("platt_a" in out) != ("platt_b" in out):
         raise ProbeFormatError(path, "platt_a and platt_b must come together")
     if "scale" in out and bool((out["scale"] == 0).any()):
-        raise ProbeFormatError(path, "scale contains zeros")
+        n = int((out["scale"] == 0).sum())
+        raise ProbeFormatError(path, f"scale contains zeros ({n} of {d}): standardisation divides by it")
+    _folded(out, path)
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) and n for n in names):
         raise ProbeFormatError(path, "names must be a list of non-empty strings")
     if len(names) != P:
@@ -158,6 +160,22 @@ def _validated(tensors: dict[str, Any], names: Sequence[str], path: str | Path =
     if len(set(names)) != len(names):
         raise ProbeFormatError(path, "probe names are not unique")
     return out
+
+
+def _folded(tensors: dict[str, torch.Tensor], path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights [P, d] and bias [P] (float64) with the standardisation folded in; refused if
+    the fold leaves the bound (weight/scale overflows for a tiny scale)."""
+    w = tensors["weight"].double()
+    b = tensors["bias"].double()
+    if "scale" in tensors:
+        w = w / tensors["scale"].double()
+    if "mean" in tensors:
+        b = b - w @ tensors["mean"].double()
+    for name, t in (("weight/scale", w), ("bias − (weight/scale)·mean", b)):
+        problem = tensor_problem(name, t)
+        if problem:
+            raise ProbeFormatError(path, f"standardised {problem}")
+    return w, b
 
 
 def save_probes(
@@ -190,6 +208,8 @@ def load_probes(path: str | Path, *, device: torch.device | str = "cpu") -> Prob
     path = Path(path)
     if not path.exists():
         raise ProbeFormatError(path, "no such file")
+    if not path.is_file():  # a FIFO would block the loader
+        raise ProbeFormatError(path, "not a regular file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -205,11 +225,13 @@ def load_probes(path: str | Path, *, device: torch.device | str = "cpu") -> Prob
         raise ProbeFormatError(path, "metadata has no 'names'") from None
     except json.JSONDecodeError as e:
         raise ProbeFormatError(path, f"metadata 'names' is not JSON ({e})") from None
+    except RecursionError:
+        raise ProbeFormatError(path, "metadata 'names' is nested too deeply") from None
     try:
         layer = int(meta["layer"])
     except KeyError:
         raise ProbeFormatError(path, "metadata has no 'layer'") from None
     except ValueError:
-        raise ProbeFormatError(path, f"metadata 'layer' is not an integer: {meta['layer']!r}") from None
+        raise ProbeFormatError(path, f"metadata 'layer' is not an integer: {short(meta['layer'])}") from None
     _validated(tensors, names, path)
     return ProbeBank(**{k: tensors.get(k) for k in ("weight", "bias", *_OPTIONAL)}, names=names, layer=layer, device=device)
