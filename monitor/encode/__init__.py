@@ -7,10 +7,11 @@ architecture with ``encode``/``encode_subset``/``watch``/``encode_top``/``decode
 """
 
 from .aggregate import AGGREGATIONS, SCOPES, RunningAggregate, aggregate
+from .architectures import GatedSAE, JumpReLUSAE, StandardSAE, TopKSAE
 from .errors import ProbeFormatError, SAEFormatError
 from .formats import FORMATS, detect_format, load_sae
 from .probes import ProbeBank, load_probes, save_probes
-from .sae import SAE, ClampParams, GatedSAE, JumpReLUSAE, StandardSAE, TopKSAE, Watch
+from .sae import SAE, ClampParams, Watch
 
 __all__ = [
     "AGGREGATIONS",

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 
+from .architectures import ARCHITECTURES
 from .checks import check_tensors, config_int
 from .errors import SAEFormatError, short
 from .readers import read_json, read_npz, read_safetensors, read_torch
-from .sae import ARCHITECTURES, SAE
+from .sae import SAE
 from .saelens_format import SAELENS_CFG, SAELENS_WEIGHTS, load_saelens
 
 FORMATS = ("saelens", "gemmascope", "gemmascope2", "sparsify", "goodfire")

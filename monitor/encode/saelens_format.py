@@ -16,10 +16,11 @@ from typing import Any
 
 import torch
 
+from .architectures import ARCHITECTURES
 from .checks import config_int, positive_factor
 from .errors import SAEFormatError, short
 from .readers import read_json, read_safetensors
-from .sae import ARCHITECTURES, NORMALISATIONS
+from .sae import NORMALISATIONS
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
