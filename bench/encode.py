@@ -1,145 +1,476 @@
-"""Encode benchmark: the featurewatch engine against a SAELens-style reference, in one run.
+"""Encode benchmark: the featurewatch engine against a SAELens-style reference, on CPU or GPU.
 
-Shape of Gemma-2-2B's width-16k residual SAEs (d_in 2304, d_sae 16384), JumpReLU. The reference
-is the real ``sae_lens.JumpReLUSAE`` on the same weights when sae-lens is installed (a plain
-torch re-statement of its encode otherwise): to watch M features it encodes all 16384 and
-indexes, the way a SAELens user would. Printed: tokens/s and ratios, side by side.
+Shape of Gemma-2-2B's width-16k residual SAEs (d_in 2304, d_sae 16384), JumpReLU, synthetic
+weights. The reference is the real ``sae_lens.JumpReLUSAE`` on the same weights when sae-lens is
+installed and the device is the CPU (a plain torch re-statement of its encode otherwise): to watch
+M features it encodes all 16384 and indexes, the way a SAELens user would. Per batch size it
+times: bare matmul, reference encode, featurewatch encode, ``watch(M)`` with and without the
+Triton kernel, a stacked layer (two watches + a probe bank as one product) and probes, and prints
+each as tokens/s and as a fraction of a roofline measured in the same run (the matmul rate for
+full encodes, the device-to-device copy rate for subset encodes and probes).
 
-    python bench/encode.py                      # batch 256, M = 16, 64, 256, 1024, 16 probes
-    python bench/encode.py --batch 64 --threads 2
+On CUDA, times come from CUDA events, after warm-up (which also JIT-compiles the Triton kernel),
+and inputs rotate through buffers that together exceed twice the L2 cache, so the bytes-roofline
+fractions are HBM figures rather than cache figures. Needs only torch, numpy, safetensors (and
+triton for the kernel rows): no vLLM, no sae-lens.
+
+    python bench/encode.py                                  # CPU, batch 256
+    python bench/encode.py --device cuda                    # bf16, batches 1, 64, 256, 4096
+    python bench/encode.py --device cuda --dtype fp16 --json out.json --markdown out.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
+import json
 import math
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
-from monitor.encode import JumpReLUSAE, ProbeBank
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from monitor.encode import JumpReLUSAE, ProbeBank, kernels  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def timed(fns: dict[str, Callable[[], object]], min_seconds: float, min_runs: int = 5) -> dict[str, float]:
-    """Median seconds per call of each function. Contenders take turns in blocks of ~30 ms
-    (so caches stay warm within a block, as in a serving loop) and the turns repeat, so load
-    from other processes on a shared machine falls on every contender alike."""
-    reps = {}
-    for name, fn in fns.items():
-        t0 = time.perf_counter()
-        fn()  # warm-up and calibration
-        reps[name] = max(1, int(0.03 / max(time.perf_counter() - t0, 1e-6)))
-    runs: dict[str, list[float]] = {k: [] for k in fns}
-    start = time.perf_counter()
-    while min(len(r) for r in runs.values()) < min_runs or time.perf_counter() - start < min_seconds:
-        for name, fn in fns.items():
-            for _ in range(reps[name]):
-                t0 = time.perf_counter()
-                fn()
-                runs[name].append(time.perf_counter() - t0)
-    return {k: statistics.median(r) for k, r in runs.items()}
-
-
-def saelens_reference(W_enc, b_enc, W_dec, b_dec, threshold):
-    """(encode callable, label): the real SAELens JumpReLU SAE sharing our weights if available."""
+# ---- timing --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def triton_mode(mode: str | None):
+    """FEATUREWATCH_TRITON for the duration (None: leave as is)."""
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("FEATUREWATCH_TRITON")
+    os.environ["FEATUREWATCH_TRITON"] = mode
     try:
-        from sae_lens import JumpReLUSAE as SLJumpReLU
-        from sae_lens import JumpReLUSAEConfig
-    except Exception:  # pragma: no cover - optional
-        def encode(x):
-            pre = (x - b_dec) @ W_enc + b_enc
-            return torch.relu(pre) * (pre > threshold)
-
-        return encode, "SAELens-style (torch)"
-    sl = SLJumpReLU(JumpReLUSAEConfig(d_in=W_enc.shape[0], d_sae=W_enc.shape[1], device="meta"))
-    sl.load_state_dict({"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": threshold}, assign=True)
-    sl.cfg.device = "cpu"
-    return sl.encode, "sae_lens.JumpReLUSAE"
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FEATUREWATCH_TRITON", None)
+        else:
+            os.environ["FEATUREWATCH_TRITON"] = old
 
 
-def main() -> None:
+class Timer:
+    """Median seconds per call. Contenders take turns in blocks (CUDA events around a block on a
+    GPU, perf_counter on CPU), so load from other processes falls on every contender alike and
+    caches stay as warm within a block as in a serving loop."""
+
+    def __init__(self, device: torch.device, seconds: float, min_rounds: int = 5):
+        self.cuda = device.type == "cuda"
+        self.seconds = seconds
+        self.min_rounds = min_rounds
+        self.block_s = 0.005 if self.cuda else 0.03
+
+    def _block(self, fn: Callable[[], object], reps: int) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(reps):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3 / reps
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t0) / reps
+
+    def measure(self, contenders: dict[str, tuple[Callable[[], object], str | None]], best: bool = False) -> dict[str, float]:
+        """contenders: name -> (fn, FEATUREWATCH_TRITON mode or None). best: the fastest block
+        instead of the median (for peaks)."""
+        reps = {}
+        for name, (fn, mode) in contenders.items():
+            with triton_mode(mode):
+                fn()  # warm-up: Triton JIT, allocator, cuBLAS heuristics
+                one = self._block(fn, 1)
+            reps[name] = max(1, min(1000, int(self.block_s / max(one, 1e-7))))
+        runs: dict[str, list[float]] = {k: [] for k in contenders}
+        start = time.perf_counter()
+        while min(len(r) for r in runs.values()) < self.min_rounds or time.perf_counter() - start < self.seconds:
+            for name, (fn, mode) in contenders.items():
+                with triton_mode(mode):
+                    runs[name].append(self._block(fn, reps[name]))
+        return {k: (min(r) if best else statistics.median(r)) for k, r in runs.items()}
+
+
+def input_pool(n: int, d: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
+    """Activation buffers to rotate through: on CUDA enough to exceed twice the L2 cache (so each
+    call reads its input from HBM, as fresh activations are), one on CPU."""
+    count = 1
+    if device.type == "cuda":
+        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) or (64 << 20)
+        count = max(1, min(64, math.ceil(2 * l2 / max(1, n * d * torch.finfo(dtype).bits // 8))))
+    return [(torch.randn(n, d, generator=gen) * 1.5).to(device=device, dtype=dtype) for _ in range(count)]
+
+
+def roofline(device: torch.device, dtype: torch.dtype, quick: bool, timer: Timer) -> dict:
+    """Measured peaks (fastest block): a square matmul in the run's dtype (FLOP/s) and a
+    device-to-device copy (bytes/s, read + write)."""
+    cuda = device.type == "cuda"
+    s = 8192 if cuda else (512 if quick else 2048)
+    a = torch.randn(s, s, device=device).to(dtype)
+    b = torch.randn(s, s, device=device).to(dtype)
+    copy_bytes = (1 << 30) if cuda else ((16 if quick else 64) << 20)
+    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+    t = timer.measure({"mm": (lambda: torch.mm(a, b), None), "copy": (lambda: dst.copy_(src), None)}, best=True)
+    return {
+        "matmul_flops_per_s": 2 * s**3 / t["mm"],
+        "matmul": f"{s}x{s}x{s} {str(dtype).removeprefix('torch.')}",
+        "copy_bytes_per_s": 2 * copy_bytes / t["copy"],  # read + write
+        "copy": f"{copy_bytes >> 20} MiB device-to-device",
+    }
+
+
+# ---- contenders ------------------------------------------------------------------------------------
+def synthetic_jumprelu(d: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Float32 CPU weights shaped like a trained JumpReLU SAE (nothing is downloaded)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "W_enc": torch.randn(d, n, generator=g) / math.sqrt(d),
+        "b_enc": torch.randn(n, generator=g) * 0.1,
+        "W_dec": torch.randn(n, d, generator=g) / math.sqrt(d),
+        "b_dec": torch.randn(d, generator=g) * 0.1,
+        "threshold": torch.rand(n, generator=g) * 0.5 + 0.5,
+    }
+
+
+def saelens_reference(w: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype, prefer: str = "auto"):
+    """(encode callable, label): SAELens's JumpReLU encode on the same weights. The real
+    ``sae_lens.JumpReLUSAE`` on CPU float32 when installed (prefer auto/saelens), else its math in
+    plain torch with every tensor in the run's dtype, as a SAELens SAE moved to that dtype runs."""
+    if prefer != "torch" and device.type == "cpu" and dtype == torch.float32:
+        try:
+            from sae_lens import JumpReLUSAE as SLJumpReLU
+            from sae_lens import JumpReLUSAEConfig
+        except Exception:  # pragma: no cover - optional
+            if prefer == "saelens":
+                raise
+        else:
+            d, n = w["W_enc"].shape
+            sl = SLJumpReLU(JumpReLUSAEConfig(d_in=d, d_sae=n, device="meta"))
+            sl.load_state_dict(dict(w), assign=True)
+            sl.cfg.device = "cpu"
+            return sl.encode, "sae_lens.JumpReLUSAE"
+    W_enc, b_enc, b_dec, thr = (w[k].to(device=device, dtype=dtype) for k in ("W_enc", "b_enc", "b_dec", "threshold"))
+
+    def encode(x):
+        pre = (x - b_dec) @ W_enc + b_enc
+        return torch.relu(pre) * (pre > thr)
+
+    return encode, "SAELens-style (torch)"
+
+
+class StackedLayer:
+    """A layer's SAE watches and probe bank as one [N, d]x[d, K] product then each part's
+    activation, the sidecar's stacking (monitor/encode/stage.py) on any device and dtype.
+
+    ``parts_cpu`` (float32 CPU twins) give the affine maps; ``parts_dev`` (the same encoders on
+    the device) apply the activations. ``thresholds`` per part: the kernel threshold of a
+    ReLU/JumpReLU watch (max(θ, 0), 0 for ReLU) or None for a probe bank (raw logits, -inf)."""
+
+    def __init__(self, parts_cpu: list, parts_dev: list, thresholds: list, device: torch.device, dtype: torch.dtype):
+        affines = [p.affine() for p in parts_cpu]
+        if any(a is None for a in affines):
+            raise ValueError("every part needs an affine map (ReLU/JumpReLU/gated watches without normalisation, probe banks)")
+        W = torch.cat([w for w, _ in affines], dim=1)
+        c = torch.cat([c for _, c in affines])
+        self.W = W.to(device=device, dtype=dtype).contiguous()
+        self.c = c.to(device=device, dtype=dtype)
+        self.c32 = c.to(device=device, dtype=torch.float32)
+        self.widths = [w.shape[1] for w, _ in affines]
+        self.parts = parts_dev
+        self.t32 = torch.cat([
+            t.float() if t is not None else torch.full((width,), -math.inf)
+            for t, width in zip(thresholds, self.widths)
+        ]).to(device)  # fmt: skip
+        self.fused_parts = [i for i, t in enumerate(thresholds) if t is None]  # still need activate() after the kernel
+
+    def _views(self, z: torch.Tensor):
+        start = 0
+        for i, width in enumerate(self.widths):
+            yield i, z[:, start:start + width]
+            start += width
+
+    @torch.no_grad()
+    def torch_product(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.addmm(self.c, x, self.W).float()
+        for i, view in self._views(z):
+            out = self.parts[i].activate(view)
+            if out is not view:
+                view.copy_(out)
+        return z
+
+    @torch.no_grad()
+    def triton_product(self, x: torch.Tensor) -> torch.Tensor:
+        z = kernels.fused_subset_encode(x, None, self.W, self.c32, self.t32)
+        for i, view in self._views(z):
+            if i in self.fused_parts:
+                self.parts[i].activate(view)
+        return z
+
+
+def kernel_launch(x, b_dec, W, b32, t32, block_n: int, block_m: int, block_d: int, warps: int, stages: int):
+    """The fused kernel at a given tiling (kernels.fused_subset_encode picks its own): for the sweep
+    that tells, from one GPU run, which tiling kernels.py should use."""
+    N, D = x.shape
+    M = W.shape[1]
+    out = torch.empty((N, M), dtype=torch.float32, device=x.device)
+    grid = (math.ceil(N / block_n), math.ceil(M / block_m))
+    kernels._compiled(kernels._interpreting())[grid](
+        x, b_dec if b_dec is not None else x, W, b32, t32, out, N, D, M,
+        x.stride(0), W.stride(0), out.stride(0),
+        HAS_BDEC=b_dec is not None, IEEE=x.dtype == torch.float32,
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return out
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    compute = DTYPES[args.dtype] if device.type == "cuda" else torch.float32  # the engine computes fp32 on CPU
+    triton_rows = kernels.triton_available() and (device.type == "cuda" or kernels._interpreting())
+    timer = Timer(device, args.seconds, args.rounds)
+    d, n, P = args.d_in, args.d_sae, args.probes
+    batches = [int(v) for v in args.batches.split(",")]
+    ms = [int(v) for v in args.m.split(",")]
+    gen = torch.Generator().manual_seed(1)
+    esize = torch.finfo(compute).bits // 8
+
+    w = synthetic_jumprelu(d, n)
+    sae_cpu = JumpReLUSAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold=w["threshold"])
+    sae = JumpReLUSAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], threshold=w["threshold"], device=device, dtype=compute)
+    ref_encode, ref_label = saelens_reference(w, device, compute, args.reference)
+    W_enc_dev = sae.W_enc
+    t_kernel = w["threshold"].clamp(min=0)
+    pw = torch.randn(P, d, generator=gen) * 0.05
+    bank_kw = dict(names=[f"p{i}" for i in range(P)], layer=0, mean=torch.randn(d, generator=gen) * 0.1,
+                   scale=torch.rand(d, generator=gen) + 0.5, platt_a=torch.ones(P), platt_b=torch.zeros(P))  # fmt: skip
+    pb = torch.randn(P, generator=gen)
+    bank_cpu, bank = ProbeBank(pw, pb, **bank_kw), ProbeBank(pw, pb, **bank_kw, device=device)
+    pw_dev, pb_dev = pw.to(device), pb.to(device)
+    mean_dev, scale_dev = bank_kw["mean"].to(device), bank_kw["scale"].to(device)
+    stack_feats = [torch.randperm(n, generator=gen)[: args.stack_m] for _ in range(args.stack_saes)]
+    stacked = StackedLayer(
+        [sae_cpu.watch(f) for f in stack_feats] + [bank_cpu],
+        [sae.watch(f) for f in stack_feats] + [bank],
+        [t_kernel[f] for f in stack_feats] + [None], device, compute,
+    )  # fmt: skip
+    stack_watches = [sae.watch(f) for f in stack_feats]
+    feats = {m: torch.randperm(n, generator=gen)[:m] for m in ms}
+    watches = {m: sae.watch(f) for m, f in feats.items()}
+
+    result = {
+        "config": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "dtype": str(compute).removeprefix("torch."), "d_in": d, "d_sae": n, "batches": batches, "m": ms,
+            "probes": P, "stack": f"{args.stack_saes} x watch({args.stack_m}) + {P} probes",
+            "reference": ref_label, "torch": torch.__version__, "triton_rows": triton_rows,
+            "triton_interpreted": kernels._interpreting(), "threads": torch.get_num_threads(),
+            "sweep_m": args.sweep_m,
+        },
+        "roofline": roofline(device, compute, args.quick, timer),
+        "rows": [],
+        "sweep": [],
+    }
+    roof = result["roofline"]
+    rows = result["rows"]
+
+    def add(section, name, N, sec, kind, work, ref=None):
+        rate = roof["matmul_flops_per_s"] if kind == "flops" else roof["copy_bytes_per_s"]
+        rows.append({"section": section, "name": name, "batch": N, "seconds": sec, "tokens_per_s": N / sec,
+                     "roofline": kind, "work": work, "fraction": work / sec / rate,
+                     "vs_reference": (ref / sec) if ref else None})  # fmt: skip
+
+    with torch.no_grad():
+        for N in batches:
+            pool = input_pool(N, d, device, compute, gen)
+            it = itertools.cycle(pool)
+            nx = lambda: next(it)  # noqa: E731
+            x_bytes = N * d * esize
+            if device.type == "cpu" and compute == torch.float32 and N:
+                x0 = pool[0]
+                assert float((sae.encode(x0) - ref_encode(x0)).abs().max()) <= 1e-4
+            flops = 2 * N * d * n
+            t = timer.measure({"mm": (lambda: torch.mm(nx(), W_enc_dev), None),
+                               "ref": (lambda: ref_encode(nx()), None), "fw": (lambda: sae.encode(nx()), None)})  # fmt: skip
+            add("full encode", "bare matmul x @ W_enc", N, t["mm"], "flops", flops)
+            add("full encode", f"reference {ref_label}", N, t["ref"], "flops", flops)
+            add("full encode", "featurewatch encode", N, t["fw"], "flops", flops, t["ref"])
+            for m in ms:
+                f, wt = feats[m].to(device), watches[m]
+                c = {"ref": (lambda f=f: ref_encode(nx())[:, f], None), "torch": (lambda wt=wt: wt(nx()), "0")}
+                if triton_rows:
+                    c["triton"] = (lambda wt=wt: wt(nx()), "1")
+                t = timer.measure(c)
+                sub_bytes = x_bytes + d * m * esize + N * m * 4
+                add(f"watch(M={m})", "reference full encode + index", N, t["ref"], "flops", flops)
+                add(f"watch(M={m})", "watch, torch", N, t["torch"], "bytes", sub_bytes, t["ref"])
+                if triton_rows:
+                    add(f"watch(M={m})", "watch, Triton kernel", N, t["triton"], "bytes", sub_bytes, t["ref"])
+            K = sum(stacked.widths)
+            def separate():
+                x = nx()
+                return torch.cat([wt(x) for wt in stack_watches] + [bank.score(x)], 1)
+
+            c = {"sep": (separate, None), "torch": (lambda: stacked.torch_product(nx()), None)}
+            if triton_rows:
+                c["triton"] = (lambda: stacked.triton_product(nx()), None)
+            t = timer.measure(c)
+            st_bytes = x_bytes + d * K * esize + N * K * 4
+            add("stacked layer", f"separate: {args.stack_saes} watches + ProbeBank.score", N, t["sep"], "bytes", st_bytes)
+            add("stacked layer", "stacked: one addmm + activations", N, t["torch"], "bytes", st_bytes, t["sep"])
+            if triton_rows:
+                add("stacked layer", "stacked: one fused Triton kernel", N, t["triton"], "bytes", st_bytes, t["sep"])
+
+            def per_probe():
+                z = (nx().float() - mean_dev) / scale_dev
+                return torch.stack([torch.sigmoid(z @ pw_dev[p] + pb_dev[p]) for p in range(P)], dim=1)
+
+            t = timer.measure({"loop": (per_probe, None), "bank": (lambda: bank.score(nx()), None)})
+            pr_bytes = x_bytes + d * P * 4 + N * P * 4
+            add(f"probes (P={P})", "one probe at a time (reference)", N, t["loop"], "bytes", pr_bytes)
+            add(f"probes (P={P})", "ProbeBank.score", N, t["bank"], "bytes", pr_bytes, t["loop"])
+            del pool, it
+
+        if triton_rows and args.sweep_m in feats:
+            sweep(result, args, sae, feats[args.sweep_m], t_kernel, compute, timer, gen)
+    return result
+
+
+def sweep(result, args, sae, f, t_kernel, compute, timer, gen) -> None:
+    """watch(sweep_m) at the largest batch for a few kernel tilings; each checked against the
+    default tiling's output before it is timed."""
+    device, N, d = sae.device, max(result["config"]["batches"]), sae.d_in
+    if N == 0:
+        return
+    W = sae.W_enc.index_select(1, f.to(device)).contiguous()
+    b32 = sae.b_enc.index_select(0, f.to(device)).float()
+    t32 = t_kernel[f].to(device)
+    pool = input_pool(N, d, device, compute, gen)
+    it = itertools.cycle(pool)
+    base = kernels.fused_subset_encode(pool[0], sae.b_dec, W, b32, t32)
+    bd = 32 if compute == torch.float32 else 64
+    configs = [(32, 32, bd, 4, 3), (64, 64, bd, 4, 3)] if args.quick else [
+        (bn, bm, bd, wp, st) for bn in (16, 32, 64, 128) for bm in (32, 64) for wp, st in ((4, 3), (8, 4))]
+    m = W.shape[1]
+    nbytes = N * d * (torch.finfo(compute).bits // 8) + d * m * (torch.finfo(compute).bits // 8) + N * m * 4
+    for cfg in configs:
+        entry = {"block_n": cfg[0], "block_m": cfg[1], "block_d": cfg[2], "num_warps": cfg[3], "num_stages": cfg[4]}
+        try:
+            out = kernel_launch(pool[0], sae.b_dec, W, b32, t32, *cfg)
+            diff = float((out - base).abs().max()) if out.numel() else 0.0
+            entry["max_abs_diff_vs_default"] = diff
+            sec = timer.measure({"k": (lambda cfg=cfg: kernel_launch(next(it), sae.b_dec, W, b32, t32, *cfg), None)})["k"]
+            entry.update(seconds=sec, fraction=nbytes / sec / result["roofline"]["copy_bytes_per_s"])
+        except Exception as e:  # a tiling the device cannot run (shared memory, registers)
+            entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        result["sweep"].append(entry)
+
+
+# ---- output ----------------------------------------------------------------------------------------
+def _fmt_time(sec: float) -> str:
+    return f"{sec * 1e6:,.1f} µs" if sec < 1e-3 else f"{sec * 1e3:,.3f} ms"
+
+
+def markdown(result: dict) -> str:
+    cfg, roof = result["config"], result["roofline"]
+    lines = [
+        f"Device: {cfg['device']}, {cfg['dtype']}, torch {cfg['torch']}, d_in={cfg['d_in']} d_sae={cfg['d_sae']}, "
+        f"JumpReLU, reference: {cfg['reference']}" + (" — Triton rows ran in the interpreter (timings meaningless)"
+                                                        if cfg["triton_interpreted"] and cfg["triton_rows"] else ""),
+        f"Roofline (measured in this run): matmul {roof['matmul_flops_per_s'] / 1e12:,.2f} TFLOP/s ({roof['matmul']}), "
+        f"copy {roof['copy_bytes_per_s'] / 1e9:,.1f} GB/s ({roof['copy']})",
+        "",
+        "| section | contender | batch | time | tokens/s | % of roofline | vs reference |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]  # fmt: skip
+    for r in result["rows"]:
+        kind = "matmul" if r["roofline"] == "flops" else "copy"
+        vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "—"
+        lines.append(f"| {r['section']} | {r['name']} | {r['batch']} | {_fmt_time(r['seconds'])} | "
+                     f"{r['tokens_per_s']:,.0f} | {100 * r['fraction']:.1f} % {kind} | {vs} |")  # fmt: skip
+    if result["sweep"]:
+        lines += ["", f"Kernel tilings, watch({cfg['sweep_m']}) at batch {max(cfg['batches'])}:", "",
+                  "| BLOCK_N | BLOCK_M | BLOCK_D | warps | stages | time | % of copy | max diff vs default |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for s in result["sweep"]:
+            head = f"| {s['block_n']} | {s['block_m']} | {s['block_d']} | {s['num_warps']} | {s['num_stages']} |"
+            if "error" in s:
+                lines.append(f"{head} failed: {s['error'][:80]} | | |")
+            else:
+                lines.append(f"{head} {_fmt_time(s['seconds'])} | {100 * s['fraction']:.1f} % | {s['max_abs_diff_vs_default']:.2e} |")
+    return "\n".join(lines) + "\n"
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                    help="compute dtype on CUDA (the engine always computes fp32 on CPU)")
+    ap.add_argument("--batches", "--batch", default=None, help="batch sizes (default: 256 on CPU, 1,64,256,4096 on CUDA)")
     ap.add_argument("--d-in", type=int, default=2304)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--m", default="16,64,256,1024", help="watched feature counts")
     ap.add_argument("--probes", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (0: torch's default). On a CPU shared with other busy processes, "
-                         "several threads stall at OpenMP barriers (~10 ms per small op measured here)")  # fmt: skip
-    ap.add_argument("--seconds", type=float, default=1.0, help="minimum timing per measurement")
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    ap.add_argument("--stack-saes", type=int, default=2, help="watches in the stacked layer")
+    ap.add_argument("--stack-m", type=int, default=64, help="features per watch in the stacked layer")
+    ap.add_argument("--sweep-m", type=int, default=64, help="M of the kernel tiling sweep (at the largest batch)")
+    ap.add_argument("--reference", choices=["auto", "saelens", "torch"], default="auto",
+                    help="auto: sae_lens on CPU float32 when installed, the torch re-statement otherwise")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default 1 on CPU: on a CPU shared with other busy processes several "
+                         "threads stall at OpenMP barriers; 0: torch's default)")  # fmt: skip
+    ap.add_argument("--seconds", type=float, default=None, help="minimum timing per group (default 1 CPU, 0.3 CUDA)")
+    ap.add_argument("--rounds", type=int, default=5, help="minimum timed blocks per contender")
+    ap.add_argument("--quick", action="store_true", help="small roofline probes and sweep (CI)")
+    ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--markdown", type=Path, help="write the table here")
+    return ap
+
+
+def resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Device-dependent defaults."""
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench/encode.py: --device cuda but torch.cuda.is_available() is False")
+    if args.batches is None:
+        args.batches = "1,64,256,4096" if cuda else "256"
+    if args.seconds is None:
+        args.seconds = 0.3 if cuda else 1.0
+    threads = args.threads if args.threads is not None else (0 if cuda else 1)
+    if threads:
+        torch.set_num_threads(threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = resolve(parser().parse_args(argv))
     torch.manual_seed(0)
-    d, n, N = args.d_in, args.d_sae, args.batch
-
-    W_enc = torch.randn(d, n) / math.sqrt(d)
-    W_dec = torch.randn(n, d) / math.sqrt(d)
-    b_enc = torch.randn(n) * 0.1
-    b_dec = torch.randn(d) * 0.1
-    threshold = torch.rand(n) * 0.5 + 0.5
-    ours = JumpReLUSAE(W_enc, b_enc, W_dec, b_dec, threshold=threshold)
-    ref_encode, ref_label = saelens_reference(W_enc, b_enc, W_dec, b_dec, threshold)
-    x = torch.randn(N, d) * 1.5
-    with torch.no_grad():
-        assert float((ours.encode(x) - ref_encode(x)).abs().max()) <= 1e-4
-
-    print(f"featurewatch encode bench: d_in={d} d_sae={n} batch={N} jumprelu fp32 cpu, "
-          f"torch threads={torch.get_num_threads()}, OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}")  # fmt: skip
-    print(f"reference: {ref_label} (full encode, then index the watched columns)\n")
-
-    def row(name: str, sec: float, ref_sec: float | None = None, ref_name: str = "", per_batch: bool = True) -> None:
-        ratio = f"{ref_sec / sec:9.1f}x faster than {ref_name}" if ref_sec else ""
-        rate = f"{N / sec:14,.0f} tok/s" if per_batch else " " * 20
-        print(f"  {name:<34} {sec * 1e3:10.3f} ms {rate}   {ratio}")
-
-    with torch.no_grad():
-        t = timed({"mm": lambda: torch.mm(x, W_enc), "ref": lambda: ref_encode(x), "ours": lambda: ours.encode(x)},
-                  args.seconds * 3)  # fmt: skip
-        print("full encode")
-        row("bare matmul x @ W_enc", t["mm"])
-        row(f"reference {ref_label}", t["ref"])
-        row("featurewatch encode", t["ours"], t["ref"], "reference")
-        print(f"  featurewatch encode / bare matmul = {t['ours'] / t['mm']:.2f}  (goal <= 1.3)\n")
-
-        print("subset encode (M watched features)")
-        g = torch.Generator().manual_seed(1)
-        for m in [int(v) for v in args.m.split(",")]:
-            feats = torch.randperm(n, generator=g)[:m]
-            watch = ours.watch(feats)
-            assert float((watch(x) - ref_encode(x)[:, feats]).abs().max()) <= 1e-4
-            t = timed({
-                "ref": lambda f=feats: ref_encode(x)[:, f],
-                "watch": lambda w=watch: w(x),
-                "gather": lambda f=feats: ours.watch(f),
-            }, args.seconds)  # fmt: skip
-            print(f" M={m}")
-            row("reference full encode + index", t["ref"])
-            row("featurewatch watch(feats)(x)", t["watch"], t["ref"], "reference")
-            row("  (once per feature set: gather)", t["gather"], per_batch=False)
-            row("  gather + one watch call", t["gather"] + t["watch"], t["ref"], "reference")
-        print()
-
-        P = args.probes
-        w = torch.randn(P, d) * 0.05
-        bank = ProbeBank(w, torch.randn(P), names=[f"p{i}" for i in range(P)], layer=0,
-                         mean=torch.randn(d) * 0.1, scale=torch.rand(d) + 0.5,
-                         platt_a=torch.ones(P), platt_b=torch.zeros(P))  # fmt: skip
-        mean, scale = bank.source["mean"], bank.source["scale"]
-
-        def per_probe():
-            z = (x - mean) / scale
-            return torch.stack([torch.sigmoid(z @ w[p] + bank.source["bias"][p]) for p in range(P)], dim=1)
-
-        assert float((bank.score(x) - per_probe()).abs().max()) <= 1e-5
-        t = timed({"loop": per_probe, "bank": lambda: bank.score(x)}, args.seconds / 2, min_runs=20)
-        print(f"probes ({P} probes, standardised + Platt)")
-        row("one probe at a time (reference)", t["loop"])
-        row("featurewatch ProbeBank.score", t["bank"], t["loop"], "reference")
+    result = run(args)
+    table = markdown(result)
+    print(table)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1))
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text(table)
+    return result
 
 
 if __name__ == "__main__":
