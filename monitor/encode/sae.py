@@ -15,6 +15,7 @@ across their threshold. Outputs are always float32.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -194,8 +195,9 @@ class SAE:
             if t is not None:
                 moved[name] = cast = t.to(device=device, dtype=new_dtype).contiguous()
                 if new_dtype == torch.float16:  # max 65504: a real weight can overflow to inf
-                    n_bad = int((~torch.isfinite(cast)).sum())
-                    if n_bad:  # refused before anything moves: the SAE stays as it was
+                    lo, hi = (float(v) for v in torch.aminmax(cast))
+                    if not (math.isfinite(lo) and math.isfinite(hi)):  # refused before anything moves
+                        n_bad = int((~torch.isfinite(cast)).sum())
                         raise ValueError(f"{name}: {n_bad} of {cast.numel()} values overflow {new_dtype}; use bfloat16")
         self.dtype, self.device = new_dtype, device
         for name, cast in moved.items():
