@@ -46,6 +46,15 @@ class LimitsConfig(_Strict):
     group_batches: int = Field(default=8, ge=1)
     max_tracked_requests: int = Field(default=100_000, ge=1)
     request_idle_timeout_s: float = Field(default=600.0, gt=0)
+    # A request with a token position at or beyond this loses its rows of that batch ("position"):
+    # no sequence is that long, and one request's bad labels must cost the others nothing.
+    max_request_tokens: int = Field(default=1 << 24, ge=1, le=1 << 62)
+    # Replies waiting for one plugin (acks, plans, directives): acks beyond are dropped, a plan or
+    # directive that does not fit closes the stream (counted).
+    outbox_messages: int = Field(default=4096, ge=1)
+    outbox_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Distinct `engine` label values (from the plugins' Hello) at a time; beyond: "other".
+    max_engine_labels: int = Field(default=16, ge=1)
 
 
 class SteeringConfig(_Strict):
