@@ -47,6 +47,9 @@ class Counters:
     directives_applied: int = 0
     directives_rejected: int = 0
     directives_late: int = 0
+    policies_rejected: int = 0  # policies refused at parse (bounds, actions.py)
+    steering_nonfinite_rows: int = 0  # token rows kept unsteered: steering made them non-finite
+    steering_nonfinite_dropped: int = 0  # sources and policies dropped for it (guard.py)
     policy_mismatch: int = 0
     policy_view_missing: int = 0  # engine core had no policy view: no policy applied
     salt_missing: int = 0

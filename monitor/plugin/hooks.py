@@ -60,6 +60,7 @@ class LayerHook:
         self.slot = slot
         self.max_tokens = tables.max_tokens
         self.do_tap = tables.do_tap
+        self.max_norm = tables.max_norm
         self.tap = tables.tap[slot]  # eager path only; traced code reads the module's buffers
 
     def __call__(self, module: nn.Module, args, output):
@@ -84,7 +85,8 @@ class LayerHook:
                     torch.add(hidden, residual, out=self.tap[:n])
             return output
         bufs = [getattr(module, BUFFER_PREFIX + name) for name in SteerTables.ARG_NAMES]
-        new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *bufs, self.do_tap)
+        new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *bufs, self.do_tap,
+                                                   self.max_norm)
         if isinstance(output, torch.Tensor):
             return new_res
         return (new_res, None) if hidden is None else (hidden, new_res)

@@ -10,12 +10,19 @@ Per hooked layer ``l`` and token ``t`` with steering row ``r = steer_idx[t]``::
     pre    = x . encoder[c] + bias[c]                 # every clamp slot c of layer l
     f      = pre * 1[pre > threshold[c]] * 1[x . gate_encoder[c] + gate_bias[c] > 0]
     delta  = sum_c active[r, c] * (value[c] - f) * decoder[c]  +  add[r]
-    residual' = residual + delta      if row_on[r]    else residual (bit for bit)
+    residual' = residual + delta      if row_on[r], residual + delta finite, |delta| <= max_norm
+              = residual (bit for bit) otherwise      (nonfinite[l, r] += 1 when the steering,
+                                                       not the model, broke a finite row)
     tap[l, t] = hidden + residual'
 
-Row 0 is the no-op row: its tokens keep the exact residual tensor values. The op is a registered
-torch library op, so Dynamo treats it as opaque (its mutation of ``tap`` is declared in the
-schema), which keeps the hooks valid under vLLM's torch.compile and inside CUDA graphs.
+Row 0 is the no-op row: its tokens keep the exact residual tensor values. The guard is the last
+line of defence (actions are bounded when parsed, actions.py, but a clamp's removal term depends
+on x): whatever the tables hold, steering never writes NaN, Inf or more than ``max_norm`` into a
+residual row, hence never into the KV cache that later requests may reuse. The host reads
+``nonfinite`` after the step and drops the actions of a flagged row (guard.py). The op is a
+registered torch library op, so Dynamo treats it as opaque (its mutations of ``tap`` and
+``nonfinite`` are declared in the schema), which keeps the hooks valid under vLLM's torch.compile
+and inside CUDA graphs.
 
 Outside graph capture (CPU, eager, compiled-without-graphs) the op takes a host-side fast path when
 the step has no steered token; while a CUDA graph is being captured it always records the full
@@ -56,8 +63,11 @@ def steer_math(
     gbias: torch.Tensor,
     val: torch.Tensor,
     dec: torch.Tensor,
-) -> torch.Tensor:
-    """The steered residual for one layer (tables already sliced to that layer)."""
+    max_norm: float = 1e4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The steered residual for one layer (tables already sliced to that layer), and per token
+    whether steering was refused because it would have made a finite row non-finite or added
+    more than ``max_norm`` (L2) to it."""
     n_clamps = bias.shape[0]
     xf = x.float()
     pre = xf @ encg.t()  # [n, 2C]: clamp encoders then gate encoders
@@ -67,8 +77,11 @@ def steer_math(
     f = torch.where(gate, f, torch.zeros_like(f))
     coef = torch.where(active.index_select(0, idx), val - f, torch.zeros_like(f))
     delta = coef @ dec + add.index_select(0, idx)
-    on = row_on.index_select(0, idx).unsqueeze(1)
-    return torch.where(on, (residual.float() + delta).to(residual.dtype), residual)
+    on = row_on.index_select(0, idx)
+    new = (residual.float() + delta).to(residual.dtype)
+    ok = torch.isfinite(new).all(dim=1) & (delta.square().sum(dim=1) <= max_norm * max_norm)
+    refused = on & ~ok & torch.isfinite(xf).all(dim=1)  # the input was fine: steering broke it
+    return torch.where((on & ok).unsqueeze(1), new, residual), refused
 
 
 def _tap_steer(
@@ -85,7 +98,9 @@ def _tap_steer(
     val: torch.Tensor,
     dec: torch.Tensor,
     tap: torch.Tensor,
+    nonfinite: torch.Tensor,
     do_tap: bool,
+    max_norm: float = 1e4,
 ) -> torch.Tensor:
     n = min(residual.shape[0], steer_idx.shape[0])
     res = residual[:n]
@@ -93,9 +108,11 @@ def _tap_steer(
         new_res = residual.clone()
     else:
         x = res if hidden is None else hidden[:n] + res
-        steered = steer_math(
-            x, res, steer_idx[:n], row_on, active, add, encg, bias, thr, gbias, val, dec
+        idx = steer_idx[:n]
+        steered, refused = steer_math(
+            x, res, idx, row_on, active, add, encg, bias, thr, gbias, val, dec, max_norm
         )
+        nonfinite.index_add_(0, idx, refused.to(nonfinite.dtype))
         if n == residual.shape[0]:
             new_res = steered
         else:  # more tokens than the static buffers cover: leave the rest unsteered
@@ -109,17 +126,18 @@ def _tap_steer(
 
 
 def _tap_steer_fake(hidden, residual, steer_idx, row_on, active, add, encg, bias, thr, gbias,
-                    val, dec, tap, do_tap):
+                    val, dec, tap, nonfinite, do_tap, max_norm=1e4):
     return torch.empty_like(residual)
 
 
-# Registered through torch.library.Library rather than @custom_op: same schema (``tap`` declared
-# mutated, so functionalisation keeps the write), a fifth of the per-call dispatch cost on CPU.
+# Registered through torch.library.Library rather than @custom_op: same schema (``tap`` and
+# ``nonfinite`` declared mutated, so functionalisation keeps the writes), a fifth of the per-call
+# dispatch cost on CPU.
 _LIB = torch.library.Library("featurewatch", "FRAGMENT")
 _LIB.define(
     "tap_steer(Tensor? hidden, Tensor residual, Tensor steer_idx, Tensor row_on, Tensor active, "
     "Tensor add, Tensor encg, Tensor bias, Tensor thr, Tensor gbias, Tensor val, Tensor dec, "
-    "Tensor(a!) tap, bool do_tap) -> Tensor"
+    "Tensor(a!) tap, Tensor(b!) nonfinite, bool do_tap, float max_norm=10000.0) -> Tensor"
 )
 _LIB.impl("tap_steer", _tap_steer, "CompositeExplicitAutograd")
 torch.library.register_fake("featurewatch::tap_steer", _tap_steer_fake, lib=_LIB)
@@ -139,8 +157,10 @@ class SteerTables:
         device: torch.device,
         dtype: torch.dtype,
         do_tap: bool,
+        max_norm: float = 1e4,
     ) -> None:
         self.num_layers, self.d_model, self.rows, self.clamps = num_layers, d_model, rows, clamps
+        self.max_norm = float(max_norm)  # what steering may add to one row (L2), see the guard
         self.max_tokens, self.device, self.dtype, self.do_tap = max_tokens, device, dtype, do_tap
         f32 = dict(device=device, dtype=torch.float32)
         self.steer_idx = torch.zeros(max_tokens, device=device, dtype=torch.int64)
@@ -155,17 +175,19 @@ class SteerTables:
         self.dec = torch.zeros(num_layers, clamps, d_model, **f32)
         tap_rows = max_tokens if do_tap else 1
         self.tap = torch.zeros(num_layers, tap_rows, d_model, device=device, dtype=dtype)
+        # per layer and row: token rows whose steering was refused as non-finite (guard.py)
+        self.nonfinite = torch.zeros(num_layers, rows, device=device, dtype=torch.int32)
         self.on_device = device.type != "cpu"
 
     def nbytes(self) -> int:
         return sum(
             t.numel() * t.element_size()
             for t in (self.steer_idx, self.row_on, self.active, self.add, self.encg, self.bias,
-                      self.thr, self.gbias, self.val, self.dec, self.tap)
+                      self.thr, self.gbias, self.val, self.dec, self.tap, self.nonfinite)
         )
 
     ARG_NAMES = ("steer_idx", "row_on", "active", "add", "encg", "bias", "thr", "gbias", "val",
-                 "dec", "tap")
+                 "dec", "tap", "nonfinite")
 
     def layer_args(self, slot: int) -> tuple[torch.Tensor, ...]:
         """Fixed-address views of one layer's tables, in ``tap_steer`` argument order."""
@@ -181,4 +203,5 @@ class SteerTables:
             self.val[slot],
             self.dec[slot],
             self.tap[slot],
+            self.nonfinite[slot],
         )

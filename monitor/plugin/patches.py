@@ -32,7 +32,6 @@ import hashlib
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +96,7 @@ def _plan_load(vllm_config, model_config):
     info = {
         "version": __version__, "code": _code_hash(), "layers": layers,
         "rows": cfg.steer_rows, "clamps": cfg.steer_clamps, "tap": tp_rank == 0,
+        "max_norm": cfg.steer_max_norm,
     }
     ac = vllm_config.additional_config
     if isinstance(ac, dict):
@@ -109,6 +109,7 @@ def _plan_load(vllm_config, model_config):
 
 def _install(model, vllm_config, model_config, plan) -> None:
     from monitor.plugin import ops, state
+    from monitor.plugin.actions import ActionLimits
     from monitor.plugin.hooks import (
         LayerHook,
         attach_buffers,
@@ -134,9 +135,11 @@ def _install(model, vllm_config, model_config, plan) -> None:
     except Exception:  # noqa: BLE001
         tp_rank, tp_size, pp_rank = 0, 1, 0
     device = next(model.parameters()).device
+    limits = ActionLimits.for_dtype(dtype, cfg.steer_max_norm)
     tables = ops.SteerTables(
         num_layers=len(owned), d_model=d_model, rows=cfg.steer_rows, clamps=cfg.steer_clamps,
-        max_tokens=max_tokens, device=device, dtype=dtype, do_tap=tp_rank == 0)
+        max_tokens=max_tokens, device=device, dtype=dtype, do_tap=tp_rank == 0,
+        max_norm=limits.max_norm)
     for slot, layer in enumerate(owned):
         attach_buffers(modules[layer], tables, slot)
         modules[layer].register_forward_hook(LayerHook(layer, slot, tables))
@@ -369,12 +372,14 @@ def _patch_worker_side() -> None:
 # ---------------------------------------------------------------- engine core: request creation
 
 
-_VIEW_CACHE: dict = {"path": None, "mtime": 0.0, "checked": 0.0, "view": None}
+_VIEW_CACHE: dict = {"path": None, "stamp": None, "view": None}
 
 
 def _policy_view():
     """The policy view of this engine: the in-process runtime's (worker shares the engine core
-    process) or the file the rank-0 worker of a multiprocess executor publishes."""
+    process) or the file the rank-0 worker of a multiprocess executor publishes. The file is
+    replaced atomically (a new inode each time), so one ``stat`` per request tells whether the
+    cached view is current: a request created after a publish is decided with it."""
     from monitor.plugin import state
     from monitor.plugin.steering import PolicyView
 
@@ -382,21 +387,18 @@ def _policy_view():
     if rt is not None and rt.sends:
         return rt.view
     cfg = state.config()
-    now = time.monotonic()
     c = _VIEW_CACHE
-    if now - c["checked"] < 0.25 and c["view"] is not None:
-        return c["view"]
-    c["checked"] = now
     path = os.path.join(cfg.runtime_dir, f"featurewatch-{os.getpid()}.policies.json")
     try:
-        mtime = os.stat(path).st_mtime
+        st = os.stat(path)
     except OSError:
         c["view"] = None
         return None
-    if c["path"] != path or mtime != c["mtime"] or c["view"] is None:
+    stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+    if c["path"] != path or stamp != c["stamp"] or c["view"] is None:
         try:
             c["view"] = PolicyView.from_json(Path(path).read_text())
-            c["path"], c["mtime"] = path, mtime
+            c["path"], c["stamp"] = path, stamp
         except (OSError, ValueError, KeyError):
             c["view"] = None
     return c["view"]

@@ -6,8 +6,9 @@ Per step, on the forward thread (``pre_step`` → ``before_forward`` → forward
    parallelism, TP rank 0 broadcasts them so every rank changes its tables at the same step;
 2. register new requests (RequestStart; policies decided at request creation), finish old ones;
 3. build the per-token steering rows and copy them into ``steer_idx``;
-4. after the forward, copy the planned layers/tokens of the tap buffer to host memory and hand
-   them to the sender (rank 0 only, dropped when the queue is full).
+4. after the forward, read the steering guard's flags (guard.py: rows kept unsteered because
+   steering made them non-finite or oversized; their actions are dropped from the next step on),
+   and copy the planned layers/tokens of the tap buffer to the sender (harvest.py).
 """
 
 from __future__ import annotations
@@ -24,17 +25,20 @@ import numpy as np
 import torch
 
 from monitor.plugin import ops
-from monitor.plugin.client import BatchItem, Counters, SidecarClient
+from monitor.plugin.actions import ActionLimits
+from monitor.plugin.client import Counters, SidecarClient
 from monitor.plugin.config import PluginConfig
+from monitor.plugin.guard import NonfiniteGuard
+from monitor.plugin.harvest import harvest
 from monitor.plugin.steering import (
     PRIVATE_KEY,
     PolicyView,
     SteeringState,
-    SteeringTable,
     api_request_id,
     flat_metadata,
     view_from_plan,
 )
+from monitor.plugin.table import SteeringTable
 from monitor.protocol import pb
 
 logger = logging.getLogger("vllm.featurewatch")
@@ -104,7 +108,10 @@ class Runtime:
         self.engine = engine
         self.sends = tp_rank == 0  # TP rank 0 of each pipeline stage talks to the sidecar
         self.counters = Counters()
-        self.steering = SteeringState(SteeringTable(tables, hooked), d_model, self.counters)
+        self.steering = SteeringState(SteeringTable(tables, hooked), d_model, self.counters,
+                                      ActionLimits.for_dtype(tables.dtype, tables.max_norm))
+        self.guard = NonfiniteGuard(tables)
+        self._live = False  # this step runs steered rows (the guard reads its flags after it)
         self.requests: dict[str, RequestInfo] = {}
         self.ops: deque = deque()
         self.plan: pb.TapPlan | None = None  # applied on the forward thread
@@ -156,11 +163,12 @@ class Runtime:
     def _on_message(self, msg: pb.SidecarMessage) -> None:
         kind = msg.WhichOneof("kind")
         if kind == "plan":
-            self.counters.plans_received += 1
             self.ops.append(("plan", msg.plan.SerializeToString()))
             # The engine core decides policies from this view; the op above is queued first, so
-            # any request decided with it is scheduled after the plan is applied.
-            self._publish_view(view_from_plan(msg.plan))
+            # any request decided with it is scheduled after the plan is applied. Policies the
+            # worker will refuse are left out (no salt, no decision for them).
+            self._publish_view(view_from_plan(msg.plan, self.steering.valid_policy))
+            self.counters.plans_received += 1  # after the view: a reader of it sees the view
         elif kind == "directive":
             self.counters.directives_received += 1
             if len(self.ops) >= _MAX_PENDING_OPS:  # an idle engine applies nothing: bound it
@@ -173,8 +181,16 @@ class Runtime:
         if self.steering.failure_mode != "closed":
             self._publish_view(PolicyView(False, ()))
 
-    def _publish_view(self, view: PolicyView) -> None:
-        self.view = view
+    def _publish_view(self, view: PolicyView | None = None,
+                      without: set[str] = frozenset()) -> None:
+        """Publish ``view``, or the current one less the policies ``without`` (both threads)."""
+        with self._lock:
+            if view is None:
+                view = self.view.without(set(without))
+            self.view = view
+            self._write_view(view)
+
+    def _write_view(self, view: PolicyView) -> None:
         if self._view_file:
             tmp = self._view_file + ".tmp"
             try:
@@ -232,6 +248,26 @@ class Runtime:
                     self.plan_layers, self.plan_slots = [], []
             elif kind == "local":
                 self.steering.local_override = None if data == b"" else data == b"1"
+            elif kind == "nonfinite":
+                self._drop_nonfinite(set(data.decode().split("\n")))
+
+    def _collect_nonfinite(self) -> None:
+        """Read the guard's flags; on TP rank 0, queue the drop for every rank (next step)."""
+        rows, keys = self.guard.collect()
+        if not rows or not self.sends:
+            return
+        self.counters.steering_nonfinite_rows += rows
+        self.ops.append(("nonfinite", "\n".join(sorted(keys)).encode()))
+
+    def _drop_nonfinite(self, keys: set[str]) -> None:
+        dropped, names = self.steering.drop_nonfinite(keys)
+        n = dropped + len(names)
+        self.counters.steering_nonfinite_dropped += n
+        self.counters.directives_rejected += n  # what PluginStats carries to the sidecar
+        if names and self.sends:
+            self._publish_view(without=set(names))
+        logger.warning("featurewatch: steering made residual rows non-finite; kept them "
+                       "unsteered and dropped %d steering source(s), policies %s", dropped, names)
 
     def _computed(self, req_id: str) -> int:
         """Tokens of ``req_id`` computed by the last step that ran it (0 if unknown)."""
@@ -320,6 +356,8 @@ class Runtime:
         self.step += 1
         self.counters.steps += 1
         self._labels = labels
+        if self.tables.on_device:
+            self._collect_nonfinite()  # the last read-back, if the device has finished it
         self.steering.table.flush()
         n = labels.num_tokens
         rows = None
@@ -332,6 +370,8 @@ class Runtime:
             self.counters.steering_rows_applied += int(np.count_nonzero(rows))
             self._write_idx(rows, max(n, self._idx_dirty))
             self._idx_dirty = n
+            self.guard.note_step(rows, self.steering.table.row_keys)
+            self._live = True
             ops.set_step_live(True)
         else:
             if self._idx_dirty:
@@ -365,6 +405,7 @@ class Runtime:
 
     def abort_forward(self) -> None:
         self._labels = None
+        self._live = False
         ops.set_step_live(False)
 
     def after_forward(self) -> None:
@@ -377,59 +418,14 @@ class Runtime:
     def _after_forward(self) -> None:
         labels, self._labels = self._labels, None
         ops.set_step_live(False)
+        if self._live:
+            self._live = False
+            self.guard.after_step()
+            if not self.tables.on_device:
+                self._collect_nonfinite()
         if labels is None or self.client is None or not self.plan_slots or not self.tables.do_tap:
             return
-        n = min(labels.num_tokens, self.tables.max_tokens)
-        if n <= 0:
-            return
-        if not self.client.connected:
-            self.counters.batches_dropped_disconnected += 1
-            return
-        tok_req = labels.tok_req[:n]
-        positions = labels.positions[:n]
-        prompt_len = np.array([self.requests[r].prompt_len if r in self.requests else 0
-                               for r in labels.req_ids], dtype=np.int64)
-        is_gen = positions >= prompt_len[tok_req]
-        if self.scope == pb.TOKEN_SCOPE_PROMPT:
-            keep = ~is_gen
-        elif self.scope == pb.TOKEN_SCOPE_GENERATED:
-            keep = is_gen
-        else:
-            keep = None
-        if keep is not None:
-            if not keep.any():
-                return
-            if keep.all():
-                keep = None
-        n_sel = n if keep is None else int(keep.sum())
-        nbytes = len(self.plan_slots) * n_sel * self.d_model * self.tables.tap.element_size()
-        if not self.client.has_room(nbytes):
-            self.counters.batches_dropped_queue_full += 1
-            return
-        src = self.tables.tap
-        if isinstance(self._plan_rows, slice):
-            view = src[self._plan_rows, :n]
-        else:
-            view = src[:, :n].index_select(0, self._plan_rows)
-        tok_idx = None
-        if keep is not None:
-            tok_idx = np.nonzero(keep)[0]
-            view = view.index_select(1, torch.from_numpy(tok_idx).to(src.device))
-        event = None
-        if self.tables.on_device:
-            host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
-            host.copy_(view, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = view.clone()
-        sel = slice(None) if tok_idx is None else tok_idx
-        item = BatchItem(
-            step=self.step, layers=list(self.plan_layers), host=host, event=event,
-            request_ids=list(labels.req_ids), token_request_index=tok_req[sel],
-            positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time())
-        if self.client.offer(item):
-            self.counters.tokens_tapped += n_sel
+        harvest(self, labels)
 
     # ------------------------------------------------------------ status / control
 

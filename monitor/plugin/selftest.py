@@ -9,7 +9,9 @@ uses them) and a mixed/prefill-shaped one (PIECEWISE or eager), it calls the run
 * on the first hooked layer, the probe clamp (encoder = decoder = e_j, threshold -inf, value V)
   made dimension j exactly V and the probe direction (S * e_k) shifted dimension k by S, all other
   dimensions unchanged: steering is live and ordered before the tap;
-* the model's final hidden states changed: the steered residual reaches the output.
+* the model's final hidden states changed: the steered residual reaches the output;
+* the finiteness guard is live: the last token runs a row whose add vector is NaN, and its row
+  of the first hooked layer is left as it was (finite, unsteered) and counted in ``nonfinite``.
 
 The number of dummy runs is fixed whatever happens, so data-parallel ranks stay in step.
 """
@@ -24,7 +26,7 @@ import numpy as np
 import torch
 
 from monitor.plugin import ops
-from monitor.plugin.steering import AddAction, ClampAction
+from monitor.plugin.actions import AddAction, ClampAction
 
 logger = logging.getLogger("vllm.featurewatch")
 
@@ -42,6 +44,11 @@ def _probe_actions(layer: int, d: int) -> tuple:
                         key="selftest-clamp")
     add = AddAction(layer, e_k, key="selftest-add")
     return (clamp, add), j, k
+
+
+def _poison_action(layer: int, d: int) -> tuple:
+    """Built directly (parse_action refuses it): an add whose vector is NaN."""
+    return (AddAction(layer, np.full(d, np.nan, dtype=np.float32), key="selftest-nan"),)
 
 
 def _dummy(runner, n: int, decode: bool):
@@ -62,9 +69,11 @@ def run_selftest(rt, runner) -> dict:
     result: dict = {"status": "pending", "cases": {}, "graph_mode": rt.graph_mode}
     actions, j, k = _probe_actions(rt.hooked[0], d)
     table = rt.steering.table
-    row = 0
+    poison = _poison_action(rt.hooked[0], d)
+    row = bad_row = 0
     try:
         row = table.acquire(actions)
+        bad_row = table.acquire(poison)
         table.flush()
     except Exception as e:  # noqa: BLE001
         result.update(status="failed", error=f"probe row: {e}")
@@ -82,14 +91,21 @@ def run_selftest(rt, runner) -> dict:
             h0 = _dummy(runner, n, decode)
             tap0 = tables.tap[:, :n].float().cpu().clone() if tables.do_tap else None
             tables.steer_idx[:n].fill_(row)
+            guarded = n > 1 and bad_row > 0  # the last token runs the NaN row
+            if guarded:
+                tables.steer_idx[n - 1] = bad_row
+            tables.nonfinite.zero_()
             ops.set_step_live(True)
             h1 = _dummy(runner, n, decode)
             tap1 = tables.tap[:, :n].float().cpu().clone() if tables.do_tap else None
+            refused = int(tables.nonfinite[0, bad_row].item()) if guarded else 0
+            tables.nonfinite.zero_()
             checks: dict[str, bool] = {}
             if tap0 is not None:
                 checks["tap_written"] = bool(torch.isfinite(tap0).all()
                                              and torch.isfinite(tap1).all())
-                first0, first1 = tap0[0], tap1[0]
+                m = n - 1 if guarded else n  # tokens on the probe row
+                first0, first1 = tap0[0, :m], tap1[0, :m]
                 scale = max(1.0, PROBE_VALUE, float(first0.abs().max()))
                 tol = (2e-2 if tables.dtype != torch.float32 else 1e-5) * scale
                 checks["clamp_applied"] = bool(
@@ -103,7 +119,12 @@ def run_selftest(rt, runner) -> dict:
                     checks["other_dims_unchanged"] = bool(torch.allclose(
                         first1[:, others], first0[:, others], atol=tol, rtol=0))
                 if len(rt.hooked) > 1:
-                    checks["downstream_changed"] = not torch.equal(tap1[1:], tap0[1:])
+                    checks["downstream_changed"] = not torch.equal(tap1[1:, :m], tap0[1:, :m])
+                if guarded:
+                    scale = max(1.0, float(tap0[0, m].abs().max()))
+                    tol = (2e-2 if tables.dtype != torch.float32 else 1e-5) * scale
+                    checks["nonfinite_guarded"] = refused >= 1 and bool(
+                        torch.allclose(tap1[0, m], tap0[0, m], atol=tol, rtol=0))
             if h0 is not None and h1 is not None:
                 checks["output_changed"] = not torch.equal(h0, h1)
             info["checks"] = checks
@@ -118,7 +139,9 @@ def run_selftest(rt, runner) -> dict:
     try:
         if row:
             table.release(actions)
-            table.flush()
+        if bad_row:
+            table.release(poison)
+        table.flush()
     except Exception:  # noqa: BLE001
         logger.exception("featurewatch: self-test cleanup")
     if result["status"] == "pending":

@@ -1,23 +1,30 @@
-"""Host side of steering: the steering table's rows and clamp slots, per-request state, policies.
+"""Host side of steering: policies, per-request steering state, the engine core's policy view.
 
 Only the forward thread mutates this state, at step boundaries (directives and plans arrive on the
-gRPC thread as queued ops and are applied "from the next step on"). A *program* is a set of
-actions (clamps and added directions on hooked layers); identical programs share one table row,
-identical clamps share one clamp slot, so an always-on policy costs one row however many requests
-it matches. A request's steering is a list of segments ``(from_position, row)``.
+gRPC thread as queued ops and are applied "from the next step on"). A request's steering is a set
+of sources (policies, directives), each an action list from a position on, compiled into segments
+``(from_position, program, row)`` of the steering table (table.py). Actions are parsed and bounded
+in actions.py.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from monitor.plugin.ops import SteerTables
+from monitor.plugin.actions import (
+    DEFAULT_LIMITS,
+    Action,
+    ActionLimits,
+    _digest,
+    parse_action,
+    policy_hash,
+)
+from monitor.plugin.table import SteeringTable, TableFull
 from monitor.protocol import pb
 
 logger = logging.getLogger("vllm.featurewatch")
@@ -59,239 +66,6 @@ def api_request_id(internal_id: str, external_id: str | None = None) -> str:
     return base
 
 
-# ---------------------------------------------------------------- actions
-
-
-def tensor_to_vector(t: pb.Tensor, d_model: int, what: str) -> np.ndarray:
-    shape = list(t.shape)
-    n = int(np.prod(shape)) if shape else 0
-    if t.dtype in (pb.FLOAT32, pb.DTYPE_UNSPECIFIED):
-        arr = np.frombuffer(t.data, dtype="<f4")
-    elif t.dtype == pb.FLOAT16:
-        arr = np.frombuffer(t.data, dtype="<f2").astype(np.float32)
-    elif t.dtype == pb.BFLOAT16:
-        bits = np.frombuffer(t.data, dtype="<u2").astype(np.uint32) << 16
-        arr = bits.view(np.float32)
-    else:
-        raise ValueError(f"{what}: unsupported dtype {t.dtype}")
-    if arr.size != d_model or (shape and n != d_model):
-        raise ValueError(f"{what}: expected {d_model} values, got shape {shape} / {arr.size}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what}: non-finite values")
-    return np.array(arr, dtype=np.float32)
-
-
-def _digest(*parts: bytes | str | float) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        if isinstance(p, str):
-            p = p.encode()
-        elif isinstance(p, float):
-            p = np.float32(p).tobytes()
-        h.update(p)
-        h.update(b"\x00")
-    return h.hexdigest()[:24]
-
-
-@dataclass(frozen=True, eq=False)
-class ClampAction:
-    layer: int
-    encoder: np.ndarray
-    bias: float
-    threshold: float
-    decoder: np.ndarray
-    value: float
-    gate_encoder: np.ndarray | None
-    gate_bias: float
-    feature: int = 0
-    source: str = ""
-    key: str = ""
-
-    @property
-    def kind(self) -> str:
-        return "clamp"
-
-
-@dataclass(frozen=True, eq=False)
-class AddAction:
-    layer: int
-    vector: np.ndarray  # scale * direction
-    key: str = ""
-
-    @property
-    def kind(self) -> str:
-        return "add"
-
-
-Action = ClampAction | AddAction
-
-
-def parse_action(a: pb.SteeringAction, d_model: int) -> Action:
-    which = a.WhichOneof("kind")
-    if which == "clamp":
-        c = a.clamp
-        enc = tensor_to_vector(c.encoder, d_model, "clamp.encoder")
-        dec = tensor_to_vector(c.decoder, d_model, "clamp.decoder")
-        gate = (
-            tensor_to_vector(c.gate_encoder, d_model, "clamp.gate_encoder")
-            if len(c.gate_encoder.data)
-            else None
-        )
-        key = _digest("clamp", str(a.layer), enc.tobytes(), float(c.bias), float(c.threshold),
-                      dec.tobytes(), float(c.value),
-                      b"" if gate is None else gate.tobytes(), float(c.gate_bias))
-        return ClampAction(a.layer, enc, float(c.bias), float(c.threshold), dec, float(c.value),
-                           gate, float(c.gate_bias), c.feature, c.source, key)
-    if which == "add":
-        vec = tensor_to_vector(a.add.direction, d_model, "add.direction") * np.float32(a.add.scale)
-        key = _digest("add", str(a.layer), vec.tobytes())
-        return AddAction(a.layer, vec.astype(np.float32), key)
-    raise ValueError("steering action without clamp or add")
-
-
-def program_key(actions: tuple[Action, ...]) -> str:
-    return _digest(*sorted(a.key for a in actions)) if actions else ""
-
-
-def policy_hash(policy: pb.SteeringPolicy) -> str:
-    return _digest("policy", policy.name,
-                   *[a.SerializeToString(deterministic=True) for a in policy.actions])
-
-
-# ---------------------------------------------------------------- the table
-
-
-class TableFull(Exception):
-    pass
-
-
-class SteeringTable:
-    """Allocates rows and clamp slots of :class:`SteerTables` and writes them."""
-
-    def __init__(self, tables: SteerTables, hooked_layers: list[int]) -> None:
-        self.t = tables
-        self.slot_of_layer = {layer: i for i, layer in enumerate(hooked_layers)}
-        # host mirrors, flushed to the device between steps (on CPU they are the tables)
-        names = ("row_on", "active", "add", "encg", "bias", "thr", "gbias", "val", "dec")
-        self.host = {
-            n: (getattr(tables, n).cpu().clone() if tables.on_device else getattr(tables, n))
-            for n in names
-        }
-        self.dirty: set[tuple[str, int, int]] = set()
-        self.rows: dict[str, list] = {}  # program key -> [row, refcount]
-        self.free_rows = list(range(tables.rows - 1, 0, -1))
-        self.clamps: list[dict[str, list]] = [{} for _ in hooked_layers]  # key -> [slot, refs]
-        self.free_clamps = [list(range(tables.clamps - 1, -1, -1)) for _ in hooked_layers]
-
-    @property
-    def rows_in_use(self) -> int:
-        return len(self.rows)
-
-    def _write(self, name: str, layer_slot: int, index: int, value) -> None:
-        self.host[name][layer_slot, index] = value
-        if self.t.on_device:
-            self.dirty.add((name, layer_slot, index))
-
-    def flush(self) -> None:
-        """Copy changed entries to the device (stream-ordered before the next forward)."""
-        if not self.dirty:
-            return
-        for name, ls, idx in self.dirty:
-            getattr(self.t, name)[ls, idx].copy_(self.host[name][ls, idx], non_blocking=False)
-        self.dirty.clear()
-
-    def _acquire_clamp(self, ls: int, c: ClampAction) -> int:
-        entry = self.clamps[ls].get(c.key)
-        if entry is not None:
-            entry[1] += 1
-            return entry[0]
-        if not self.free_clamps[ls]:
-            raise TableFull(f"no free clamp slot on layer {c.layer} "
-                            f"(FEATUREWATCH_STEER_CLAMPS={self.t.clamps})")
-        slot = self.free_clamps[ls].pop()
-        C = self.t.clamps
-        self._write("encg", ls, slot, torch.from_numpy(c.encoder))
-        gate = c.gate_encoder if c.gate_encoder is not None else np.zeros_like(c.encoder)
-        self._write("encg", ls, C + slot, torch.from_numpy(gate))
-        self._write("bias", ls, slot, c.bias)
-        self._write("thr", ls, slot, c.threshold)
-        self._write("gbias", ls, slot, c.gate_bias if c.gate_encoder is not None else 1.0)
-        self._write("val", ls, slot, c.value)
-        self._write("dec", ls, slot, torch.from_numpy(c.decoder))
-        self.clamps[ls][c.key] = [slot, 1]
-        return slot
-
-    def _release_clamp(self, ls: int, key: str) -> None:
-        entry = self.clamps[ls][key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            del self.clamps[ls][key]
-            self.free_clamps[ls].append(entry[0])
-
-    def acquire(self, actions: tuple[Action, ...]) -> int:
-        """The row running ``actions`` (0 for none); raises :class:`TableFull`."""
-        actions = tuple(a for a in actions if a.layer in self.slot_of_layer)
-        if not actions:
-            return 0
-        key = program_key(actions)
-        entry = self.rows.get(key)
-        if entry is not None:
-            entry[1] += 1
-            return entry[0]
-        if not self.free_rows:
-            raise TableFull(f"no free steering row (FEATUREWATCH_STEER_ROWS={self.t.rows})")
-        taken: list[tuple[int, str]] = []
-        try:
-            for a in actions:
-                if isinstance(a, ClampAction):
-                    ls = self.slot_of_layer[a.layer]
-                    self._acquire_clamp(ls, a)
-                    taken.append((ls, a.key))
-        except TableFull:
-            for ls, k in taken:
-                self._release_clamp(ls, k)
-            raise
-        row = self.free_rows.pop()
-        d = self.t.d_model
-        for ls in range(len(self.clamps)):
-            mask = torch.zeros(self.t.clamps, dtype=torch.bool)
-            vec = np.zeros(d, dtype=np.float32)
-            on = False
-            for a in actions:
-                if self.slot_of_layer[a.layer] != ls:
-                    continue
-                on = True
-                if isinstance(a, ClampAction):
-                    mask[self.clamps[ls][a.key][0]] = True
-                else:
-                    vec += a.vector
-            self._write("active", ls, row, mask)
-            self._write("add", ls, row, torch.from_numpy(vec))
-            self._write("row_on", ls, row, on)
-        self.rows[key] = [row, 1, actions]
-        return row
-
-    def release(self, actions: tuple[Action, ...]) -> None:
-        actions = tuple(a for a in actions if a.layer in self.slot_of_layer)
-        if not actions:
-            return
-        key = program_key(actions)
-        entry = self.rows[key]
-        entry[1] -= 1
-        if entry[1] > 0:
-            return
-        row = entry[0]
-        del self.rows[key]
-        for a in actions:
-            if isinstance(a, ClampAction):
-                self._release_clamp(self.slot_of_layer[a.layer], a.key)
-        for ls in range(len(self.clamps)):
-            self._write("row_on", ls, row, False)
-            self._write("active", ls, row, torch.zeros(self.t.clamps, dtype=torch.bool))
-            self._write("add", ls, row, torch.zeros(self.t.d_model))
-        self.free_rows.append(row)
-
-
 # ---------------------------------------------------------------- requests, policies, plan
 
 
@@ -328,6 +102,10 @@ class PolicyView:
             return [], ""
         return [n for n, _ in hit], _digest(*[f"{n}:{h}" for n, h in sorted(hit)])[:16]
 
+    def without(self, names: set[str]) -> PolicyView:
+        return PolicyView(self.enabled, tuple(p for p in self.policies if p[0] not in names),
+                          self.rules_version)
+
     def to_json(self) -> str:
         return json.dumps({"enabled": self.enabled, "rules_version": self.rules_version,
                            "policies": [list(p) for p in self.policies]})
@@ -339,21 +117,27 @@ class PolicyView:
                    tuple((n, dict(s), h) for n, s, h in d["policies"]), int(d["rules_version"]))
 
 
-def view_from_plan(plan: pb.TapPlan | None) -> PolicyView:
+def view_from_plan(plan: pb.TapPlan | None, valid=None) -> PolicyView:
+    """The plan's policies as the engine core sees them; ``valid(policy)`` leaves out those the
+    worker will refuse, so no request is decided (and salted) for a policy never applied."""
     if plan is None:
         return PolicyView(False, ())
     return PolicyView(
         bool(plan.steering_enabled),
-        tuple((p.name, dict(p.selector), policy_hash(p)) for p in plan.policies),
+        tuple((p.name, dict(p.selector), policy_hash(p)) for p in plan.policies
+              if valid is None or valid(p)),
         int(plan.rules_version),
     )
 
 
 class SteeringState:
-    def __init__(self, table: SteeringTable, d_model: int, counters) -> None:
+    def __init__(self, table: SteeringTable, d_model: int, counters,
+                 limits: ActionLimits = DEFAULT_LIMITS) -> None:
         self.table = table
         self.d_model = d_model
         self.counters = counters
+        self.limits = limits
+        self.rejections: deque[str] = deque(maxlen=8)  # recent refusals, for the status route
         self.enabled = False
         self.failure_mode = "open"
         self.policies: dict[str, Policy] = {}
@@ -368,16 +152,33 @@ class SteeringState:
             return False
         return self.enabled and bool(self.requests)
 
+    def parse_actions(self, actions) -> tuple[Action, ...]:
+        """Raises ValueError naming the first bad field (see actions.py for the bounds)."""
+        return tuple(parse_action(a, self.d_model, self.limits) for a in actions)
+
+    def valid_policy(self, p: pb.SteeringPolicy) -> bool:
+        """Pure (any thread): would :meth:`apply_plan` accept this policy?"""
+        try:
+            self.parse_actions(p.actions)
+        except ValueError:
+            return False
+        return True
+
+    def _reject(self, what: str, reason: str) -> None:
+        self.rejections.append(f"{what}: {reason}"[:300])
+
     def apply_plan(self, plan: pb.TapPlan) -> None:
         self.enabled = bool(plan.steering_enabled)
         self.failure_mode = plan.steering_failure_mode or "open"
         policies: dict[str, Policy] = {}
         for p in plan.policies:
             try:
-                actions = tuple(parse_action(a, self.d_model) for a in p.actions)
+                actions = self.parse_actions(p.actions)
             except ValueError as e:
                 self.counters.directives_rejected += 1
-                logger.warning("featurewatch: policy %r rejected: %s", p.name, e)
+                self.counters.policies_rejected += 1
+                self._reject(f"policy {p.name[:64]!r}", str(e))
+                logger.warning("featurewatch: policy %r rejected: %s", p.name[:64], e)
                 continue
             policies[p.name] = Policy(p.name, dict(p.selector), actions, policy_hash(p))
         self.policies = policies
@@ -427,8 +228,9 @@ class SteeringState:
                 current = {k: v for k, v in current.items() if not k.startswith("directive:")}
         else:
             try:
-                actions = tuple(parse_action(a, self.d_model) for a in d.actions)
+                actions = self.parse_actions(d.actions)
             except ValueError as e:
+                self._reject(f"directive {d.directive_id[:64]!r}", str(e))
                 return str(e)
             current[key] = (int(d.from_position), actions)
         return None if self._set_sources(d.request_id, current) else "steering table full"
@@ -478,6 +280,28 @@ class SteeringState:
         )
         return True
 
+    def drop_nonfinite(self, bad_keys: set[str]) -> tuple[int, list[str]]:
+        """The steering arithmetic produced a non-finite row with these actions (the op kept the
+        original row): drop every source that carries one of them from every request, and the
+        policies that carry one. Returns (sources dropped, policy names dropped). A later plan is
+        parsed afresh (the guard stays in force)."""
+        dropped = 0
+        for rid, rs in list(self.requests.items()):
+            keep = {src: v for src, v in rs.sources.items()
+                    if not any(a.key in bad_keys for a in v[1])}
+            if len(keep) == len(rs.sources):
+                continue
+            dropped += len(rs.sources) - len(keep)
+            for src in rs.sources.keys() - keep.keys():
+                self._reject(f"{src} of {rid[:64]}", "steered rows were not finite; dropped")
+            if not self._set_sources(rid, keep):
+                self._clear(rid)  # no room for the remaining program: no steering at all
+        names = [n for n, p in self.policies.items() if any(a.key in bad_keys for a in p.actions)]
+        for n in names:
+            del self.policies[n]
+            self._reject(f"policy {n[:64]!r}", "steered rows were not finite; dropped")
+        return dropped, names
+
     # -- per step
 
     def rows_for_step(self, req_index: dict[str, int], qsl: np.ndarray, positions: np.ndarray,
@@ -510,6 +334,8 @@ class SteeringState:
             "policies": sorted(self.policies),
             "rows_in_use": self.table.rows_in_use,
             "rows_capacity": self.table.t.rows - 1,
+            "max_norm": self.limits.max_norm,
+            "recent_rejections": list(self.rejections),
             "requests": {
                 rid: {"sources": sorted(rs.sources),
                       "segments": [[s, row] for s, _, row in rs.segments]}

@@ -10,14 +10,18 @@ import pytest
 import torch
 
 from monitor.protocol import pb
+from tests.plugin.fake_sidecar import add_action, clamp_action
 from tests.plugin.helpers import (
     BLOCK,
     D_MODEL,
+    DIR,
     DIRECTIVE,
+    ENC1,
     POLICY_CLAMP_ADD,
     POLICY_GATED,
     assert_close_to_hf,
     assert_cobatched_unsteered_bit_identical,
+    directive_on_start,
     make_plan,
     prompts,
     start_engine,
@@ -39,6 +43,8 @@ def test_hello_status_and_selftest(eng):
     assert st["hooked_layers"] == [0, 1, 2, 3]
     assert st["selftest"]["status"] == "passed", st["selftest"]
     assert set(st["selftest"]["cases"]) == {"decode", "mixed"}
+    for case in st["selftest"]["cases"].values():  # the guard is live in the serving forward
+        assert case["checks"]["nonfinite_guarded"] is True, case
     hello = eng.sidecar.hellos[-1]
     assert hello.d_model == D_MODEL and list(hello.available_layers) == [0, 1, 2, 3]
     assert hello.dtype == pb.FLOAT32 and hello.max_tokens_per_step >= 256
@@ -165,3 +171,101 @@ def test_killing_the_sidecar_fails_no_request(eng):
     assert eng.sidecar.starts[rid].steering_policy == "clamp_add"
     # stats are periodic: wait for one sent after the reconnect
     assert eng.sidecar.wait_for(lambda: any(s.reconnects >= 1 for s in eng.sidecar.stats))
+
+
+# ---------------------------------------------------------------- non-finite steering
+
+
+def _set_plan(eng, plan: pb.TapPlan) -> None:
+    """Send a plan; return once the worker has received it (its policy view is published)."""
+    n = eng.status()["counters"]["plans_received"]
+    eng.sidecar.set_plan(plan)
+    assert eng.sidecar.wait_for(lambda: eng.status()["counters"]["plans_received"] > n)
+
+
+BAD_POLICIES = {  # sent by a sidecar that skipped its own validation
+    "nan_clamp": [clamp_action(1, ENC1, DIR, value=float("nan"))],
+    "inf_add": [add_action(2, DIR, float("inf"))],
+    "huge_add": [add_action(2, DIR, 1e39)],  # a float32 field: inf on the wire
+    "over_cap": [add_action(2, DIR, 5e4)],  # finite, above the plugin's 1e4 cap
+    "nan_threshold": [clamp_action(1, ENC1, DIR, threshold=float("-inf"), value=1.0)],
+}
+
+
+def _bad_directive(start: pb.RequestStart) -> list[pb.SteeringDirective]:
+    if start.metadata.get("case") != "nf_directive":
+        return directive_on_start(start)
+    nan = DIR.copy()
+    nan[3] = np.nan
+    return [pb.SteeringDirective(directive_id="nan-dir", request_id=start.request_id, rule="r",
+                                 actions=[add_action(0, nan, 1.0)])]
+
+
+def test_nonfinite_steering_is_refused_and_serving_unharmed(eng, hf):
+    """The issue: such a policy answered HTTP 200 with empty text and changed later requests of
+    other users (NaN in reused KV blocks). Every request here shares one prompt, so unsalted
+    requests share prefix-cache blocks with the refused ones."""
+    plan = make_plan()
+    plan.policies.extend(pb.SteeringPolicy(name=n, selector={"steer": n}, actions=a)
+                         for n, a in BAD_POLICIES.items())
+    p = prompts(1, 2 * BLOCK + 4, seed=20)[0]
+    plain, _ = hf.run(p, 8)
+    steered, _ = hf.run(p, 8, steer=[(0, POLICY_CLAMP_ADD)])
+    before = eng.status()["counters"]
+    eng.sidecar.on_start = _bad_directive
+    try:
+        _set_plan(eng, plan)
+        cases = [{"steer": n, "case": f"nf_{n}"} for n in BAD_POLICIES]
+        cases += [{"case": "nf_directive"}, {"case": "nf_plain"},
+                  {"steer": "policy", "case": "nf_good"}]
+        out = eng.generate([p] * len(cases), 8, cases)
+        later = eng.generate([p] * 3, 8, [{"case": f"nf_later{i}"} for i in range(3)])
+    finally:
+        eng.sidecar.on_start = directive_on_start
+        _set_plan(eng, make_plan())
+    assert out[:-1] == [plain] * (len(cases) - 1)
+    assert out[-1] == steered != plain  # the valid policy still steers
+    assert later == [plain] * 3
+    for n in BAD_POLICIES:
+        assert eng.sidecar.starts[eng.sidecar.find_request(case=f"nf_{n}")].steering_policy == ""
+    after = eng.status()
+    c = after["counters"]
+    assert c["policies_rejected"] >= before["policies_rejected"] + len(BAD_POLICIES)
+    assert c["directives_rejected"] >= before["directives_rejected"] + len(BAD_POLICIES) + 1
+    reasons = " ".join(after["steering"]["recent_rejections"])
+    assert "add.direction[3]=nan is not finite" in reasons
+
+
+# Passes the parse (every number finite and in bounds, nothing static to add), but on every token
+# its removal term -(x.encoder + 1e5) * decoder adds about 1e5 to the row: over the 1e4 cap.
+OVER_CAP_CLAMP = clamp_action(1, ENC1, DIR, bias=1e5, threshold=0.0, value=0.0)
+
+
+def test_guard_keeps_oversized_and_nonfinite_rows_out_of_the_stream(eng, hf):
+    """The op's guard, in the real forward: every row the clamp would push over the cap keeps its
+    original bits, the request is served unsteered, the policy is dropped and counted."""
+    p = prompts(1, 20, seed=21)[0]
+    plain, _ = hf.run(p, 8)
+    plan = make_plan()
+    plan.policies.append(pb.SteeringPolicy(name="runaway", selector={"steer": "runaway"},
+                                           actions=[OVER_CAP_CLAMP]))
+    before = eng.status()["counters"]
+    try:
+        _set_plan(eng, plan)
+        out = eng.generate([p, p], 8, [{"steer": "runaway", "case": "g_bad"},
+                                       {"case": "g_plain"}])
+        st = eng.status()
+        again = eng.generate([p], 8, [{"steer": "runaway", "case": "g_again"}])
+    finally:
+        _set_plan(eng, make_plan())
+    assert eng.sidecar.starts[eng.sidecar.find_request(case="g_bad")].steering_policy == "runaway"
+    assert out == [plain, plain]
+    c = st["counters"]
+    assert c["steering_nonfinite_rows"] >= before["steering_nonfinite_rows"] + len(p)
+    assert c["steering_nonfinite_dropped"] == before["steering_nonfinite_dropped"] + 2
+    assert "runaway" not in st["steering"]["policies"] and not st["steering"]["requests"]
+    assert again == [plain]  # dropped from the engine core's policy view too: not decided
+    assert eng.sidecar.starts[eng.sidecar.find_request(case="g_again")].steering_policy == ""
+    # the tapped rows of the refused request are the unsteered stream (nothing near 1e5)
+    acts = eng.sidecar.activations(eng.sidecar.find_request(case="g_bad"))
+    assert max(float(np.abs(v).max()) for v in acts[1].values()) < 1e3

@@ -18,16 +18,15 @@ from monitor.plugin import ops
 from monitor.plugin.client import BatchItem, Counters, SidecarClient
 from monitor.plugin.config import PluginConfig, grpc_target
 from monitor.plugin.hooks import LayerHook, attach_buffers
+from monitor.plugin.actions import parse_action
 from monitor.plugin.steering import (
     PolicyView,
     SteeringState,
-    SteeringTable,
-    TableFull,
     api_request_id,
     flat_metadata,
-    parse_action,
     view_from_plan,
 )
+from monitor.plugin.table import SteeringTable, TableFull
 from monitor.protocol import pb
 from tests.plugin.fake_sidecar import FakeSidecar, add_action, clamp_action
 from tests.plugin.helpers import RefAdd, RefClamp, apply_actions

@@ -1,0 +1,69 @@
+"""After each step: copy the planned layers and tokens of the tap buffer to host memory and hand
+them to the sender (TP rank 0 only; dropped and counted when the sidecar is away or the queue is
+full). On a GPU the copy is asynchronous; the sender waits for its event, never the forward."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from monitor.plugin.client import BatchItem
+from monitor.protocol import pb
+
+
+def harvest(rt, labels) -> None:
+    """``rt`` is the worker's Runtime (with a client and a plan), ``labels`` the step's
+    StepLabels."""
+    n = min(labels.num_tokens, rt.tables.max_tokens)
+    if n <= 0:
+        return
+    if not rt.client.connected:
+        rt.counters.batches_dropped_disconnected += 1
+        return
+    tok_req = labels.tok_req[:n]
+    positions = labels.positions[:n]
+    prompt_len = np.array([rt.requests[r].prompt_len if r in rt.requests else 0
+                           for r in labels.req_ids], dtype=np.int64)
+    is_gen = positions >= prompt_len[tok_req]
+    if rt.scope == pb.TOKEN_SCOPE_PROMPT:
+        keep = ~is_gen
+    elif rt.scope == pb.TOKEN_SCOPE_GENERATED:
+        keep = is_gen
+    else:
+        keep = None
+    if keep is not None:
+        if not keep.any():
+            return
+        if keep.all():
+            keep = None
+    n_sel = n if keep is None else int(keep.sum())
+    nbytes = len(rt.plan_slots) * n_sel * rt.d_model * rt.tables.tap.element_size()
+    if not rt.client.has_room(nbytes):
+        rt.counters.batches_dropped_queue_full += 1
+        return
+    src = rt.tables.tap
+    if isinstance(rt._plan_rows, slice):
+        view = src[rt._plan_rows, :n]
+    else:
+        view = src[:, :n].index_select(0, rt._plan_rows)
+    tok_idx = None
+    if keep is not None:
+        tok_idx = np.nonzero(keep)[0]
+        view = view.index_select(1, torch.from_numpy(tok_idx).to(src.device))
+    event = None
+    if rt.tables.on_device:
+        host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
+        host.copy_(view, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+    else:
+        host = view.clone()
+    sel = slice(None) if tok_idx is None else tok_idx
+    item = BatchItem(
+        step=rt.step, layers=list(rt.plan_layers), host=host, event=event,
+        request_ids=list(labels.req_ids), token_request_index=tok_req[sel],
+        positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time())
+    if rt.client.offer(item):
+        rt.counters.tokens_tapped += n_sel
