@@ -11,26 +11,23 @@ full encodes, the device-to-device copy rate for subset encodes and probes).
 
 On CUDA, times come from CUDA events, after warm-up (which also JIT-compiles the Triton kernel),
 and inputs rotate through buffers that together exceed twice the L2 cache, so the bytes-roofline
-fractions are HBM figures rather than cache figures. Needs only torch, numpy, safetensors (and
+fractions are HBM figures rather than cache figures. Each figure is an eager call (Python and
+kernel launches included, as the sidecar calls it) and, beside it, the same calls replayed from a
+CUDA graph: the GPU's own time, which small batches hide behind launch overhead. Needs only torch, numpy, safetensors (and
 triton for the kernel rows): no vLLM, no sae-lens.
 
     python bench/encode.py                                  # CPU, batch 256
-    python bench/encode.py --device cuda                    # bf16, batches 1, 64, 256, 4096
+    python bench/encode.py --device cuda                    # bf16, batches 1, 64, 256, 4096, 16384
     python bench/encode.py --device cuda --dtype fp16 --json out.json --markdown out.md
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import itertools
 import json
 import math
-import os
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,100 +36,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.timing import Timer, input_pool, roofline, triton_mode  # noqa: E402, F401  (triton_mode: re-exported)
 from monitor.encode import JumpReLUSAE, ProbeBank, kernels  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-# ---- timing --------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def triton_mode(mode: str | None):
-    """FEATUREWATCH_TRITON for the duration (None: leave as is)."""
-    if mode is None:
-        yield
-        return
-    old = os.environ.get("FEATUREWATCH_TRITON")
-    os.environ["FEATUREWATCH_TRITON"] = mode
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("FEATUREWATCH_TRITON", None)
-        else:
-            os.environ["FEATUREWATCH_TRITON"] = old
-
-
-class Timer:
-    """Median seconds per call. Contenders take turns in blocks (CUDA events around a block on a
-    GPU, perf_counter on CPU), so load from other processes falls on every contender alike and
-    caches stay as warm within a block as in a serving loop."""
-
-    def __init__(self, device: torch.device, seconds: float, min_rounds: int = 5):
-        self.cuda = device.type == "cuda"
-        self.seconds = seconds
-        self.min_rounds = min_rounds
-        self.block_s = 0.005 if self.cuda else 0.03
-
-    def _block(self, fn: Callable[[], object], reps: int) -> float:
-        if self.cuda:
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(reps):
-                fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3 / reps
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) / reps
-
-    def measure(self, contenders: dict[str, tuple[Callable[[], object], str | None]], best: bool = False) -> dict[str, float]:
-        """contenders: name -> (fn, FEATUREWATCH_TRITON mode or None). best: the fastest block
-        instead of the median (for peaks)."""
-        reps = {}
-        for name, (fn, mode) in contenders.items():
-            with triton_mode(mode):
-                fn()  # warm-up: Triton JIT, allocator, cuBLAS heuristics
-                one = self._block(fn, 1)
-            reps[name] = max(1, min(1000, int(self.block_s / max(one, 1e-7))))
-        runs: dict[str, list[float]] = {k: [] for k in contenders}
-        start = time.perf_counter()
-        while min(len(r) for r in runs.values()) < self.min_rounds or time.perf_counter() - start < self.seconds:
-            for name, (fn, mode) in contenders.items():
-                with triton_mode(mode):
-                    runs[name].append(self._block(fn, reps[name]))
-        return {k: (min(r) if best else statistics.median(r)) for k, r in runs.items()}
-
-
-def input_pool(n: int, d: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> list[torch.Tensor]:
-    """Activation buffers to rotate through: on CUDA enough to exceed twice the L2 cache (so each
-    call reads its input from HBM, as fresh activations are), one on CPU."""
-    count = 1
-    if device.type == "cuda":
-        l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 64 << 20) or (64 << 20)
-        count = max(1, min(64, math.ceil(2 * l2 / max(1, n * d * torch.finfo(dtype).bits // 8))))
-    return [(torch.randn(n, d, generator=gen) * 1.5).to(device=device, dtype=dtype) for _ in range(count)]
-
-
-def roofline(device: torch.device, dtype: torch.dtype, quick: bool, timer: Timer) -> dict:
-    """Measured peaks (fastest block): a square matmul in the run's dtype (FLOP/s) and a
-    device-to-device copy (bytes/s, read + write)."""
-    cuda = device.type == "cuda"
-    s = 8192 if cuda else (512 if quick else 2048)
-    a = torch.randn(s, s, device=device).to(dtype)
-    b = torch.randn(s, s, device=device).to(dtype)
-    copy_bytes = (1 << 30) if cuda else ((16 if quick else 64) << 20)
-    src = torch.empty(copy_bytes // 4, dtype=torch.float32, device=device).normal_()
-    dst = torch.empty_like(src)
-    t = timer.measure({"mm": (lambda: torch.mm(a, b), None), "copy": (lambda: dst.copy_(src), None)}, best=True)
-    return {
-        "matmul_flops_per_s": 2 * s**3 / t["mm"],
-        "matmul": f"{s}x{s}x{s} {str(dtype).removeprefix('torch.')}",
-        "copy_bytes_per_s": 2 * copy_bytes / t["copy"],  # read + write
-        "copy": f"{copy_bytes >> 20} MiB device-to-device",
-    }
 
 
 # ---- contenders ------------------------------------------------------------------------------------
@@ -244,7 +151,7 @@ def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     compute = DTYPES[args.dtype] if device.type == "cuda" else torch.float32  # the engine computes fp32 on CPU
     triton_rows = kernels.triton_available() and (device.type == "cuda" or kernels._interpreting())
-    timer = Timer(device, args.seconds, args.rounds)
+    timer = Timer(device, args.seconds, args.rounds, graphs=args.graphs)
     d, n, P = args.d_in, args.d_sae, args.probes
     batches = [int(v) for v in args.batches.split(",")]
     ms = [int(v) for v in args.m.split(",")]
@@ -290,11 +197,13 @@ def run(args: argparse.Namespace) -> dict:
     roof = result["roofline"]
     rows = result["rows"]
 
-    def add(section, name, N, sec, kind, work, ref=None):
+    def add(section, name, N, t, key, kind, work, ref_key=None):
         rate = roof["matmul_flops_per_s"] if kind == "flops" else roof["copy_bytes_per_s"]
+        sec, graph = t[key], timer.graph.get(key)
         rows.append({"section": section, "name": name, "batch": N, "seconds": sec, "tokens_per_s": N / sec,
                      "roofline": kind, "work": work, "fraction": work / sec / rate,
-                     "vs_reference": (ref / sec) if ref else None})  # fmt: skip
+                     "vs_reference": (t[ref_key] / sec) if ref_key else None,
+                     "graph_seconds": graph, "graph_fraction": (work / graph / rate) if graph else None})  # fmt: skip
 
     with torch.no_grad():
         for N in batches:
@@ -307,21 +216,22 @@ def run(args: argparse.Namespace) -> dict:
                 assert float((sae.encode(x0) - ref_encode(x0)).abs().max()) <= 1e-4
             flops = 2 * N * d * n
             t = timer.measure({"mm": (lambda: torch.mm(nx(), W_enc_dev), None),
-                               "ref": (lambda: ref_encode(nx()), None), "fw": (lambda: sae.encode(nx()), None)})  # fmt: skip
-            add("full encode", "bare matmul x @ W_enc", N, t["mm"], "flops", flops)
-            add("full encode", f"reference {ref_label}", N, t["ref"], "flops", flops)
-            add("full encode", "featurewatch encode", N, t["fw"], "flops", flops, t["ref"])
+                               "ref": (lambda: ref_encode(nx()), None), "fw": (lambda: sae.encode(nx()), None)},
+                              graph_calls=len(pool))  # fmt: skip
+            add("full encode", "bare matmul x @ W_enc", N, t, "mm", "flops", flops)
+            add("full encode", f"reference {ref_label}", N, t, "ref", "flops", flops)
+            add("full encode", "featurewatch encode", N, t, "fw", "flops", flops, "ref")
             for m in ms:
                 f, wt = feats[m].to(device), watches[m]
                 c = {"ref": (lambda f=f: ref_encode(nx())[:, f], None), "torch": (lambda wt=wt: wt(nx()), "0")}
                 if triton_rows:
                     c["triton"] = (lambda wt=wt: wt(nx()), "1")
-                t = timer.measure(c)
+                t = timer.measure(c, graph_calls=len(pool))
                 sub_bytes = x_bytes + d * m * esize + N * m * 4
-                add(f"watch(M={m})", "reference full encode + index", N, t["ref"], "flops", flops)
-                add(f"watch(M={m})", "watch, torch", N, t["torch"], "bytes", sub_bytes, t["ref"])
+                add(f"watch(M={m})", "reference full encode + index", N, t, "ref", "flops", flops)
+                add(f"watch(M={m})", "watch, torch", N, t, "torch", "bytes", sub_bytes, "ref")
                 if triton_rows:
-                    add(f"watch(M={m})", "watch, Triton kernel", N, t["triton"], "bytes", sub_bytes, t["ref"])
+                    add(f"watch(M={m})", "watch, Triton kernel", N, t, "triton", "bytes", sub_bytes, "ref")
             K = sum(stacked.widths)
             def separate():
                 x = nx()
@@ -330,25 +240,27 @@ def run(args: argparse.Namespace) -> dict:
             c = {"sep": (separate, None), "torch": (lambda: stacked.torch_product(nx()), None)}
             if triton_rows:
                 c["triton"] = (lambda: stacked.triton_product(nx()), None)
-            t = timer.measure(c)
+            t = timer.measure(c, graph_calls=len(pool))
             st_bytes = x_bytes + d * K * esize + N * K * 4
-            add("stacked layer", f"separate: {args.stack_saes} watches + ProbeBank.score", N, t["sep"], "bytes", st_bytes)
-            add("stacked layer", "stacked: one addmm + activations", N, t["torch"], "bytes", st_bytes, t["sep"])
+            add("stacked layer", f"separate: {args.stack_saes} watches + ProbeBank.score", N, t, "sep", "bytes", st_bytes)
+            add("stacked layer", "stacked: one addmm + activations", N, t, "torch", "bytes", st_bytes, "sep")
             if triton_rows:
-                add("stacked layer", "stacked: one fused Triton kernel", N, t["triton"], "bytes", st_bytes, t["sep"])
+                add("stacked layer", "stacked: one fused Triton kernel", N, t, "triton", "bytes", st_bytes, "sep")
 
             def per_probe():
                 z = (nx().float() - mean_dev) / scale_dev
                 return torch.stack([torch.sigmoid(z @ pw_dev[p] + pb_dev[p]) for p in range(P)], dim=1)
 
-            t = timer.measure({"loop": (per_probe, None), "bank": (lambda: bank.score(nx()), None)})
+            t = timer.measure({"loop": (per_probe, None), "bank": (lambda: bank.score(nx()), None)}, graph_calls=len(pool))
             pr_bytes = x_bytes + d * P * 4 + N * P * 4
-            add(f"probes (P={P})", "one probe at a time (reference)", N, t["loop"], "bytes", pr_bytes)
-            add(f"probes (P={P})", "ProbeBank.score", N, t["bank"], "bytes", pr_bytes, t["loop"])
+            add(f"probes (P={P})", "one probe at a time (reference)", N, t, "loop", "bytes", pr_bytes)
+            add(f"probes (P={P})", "ProbeBank.score", N, t, "bank", "bytes", pr_bytes, "loop")
             del pool, it
 
         if triton_rows and args.sweep_m in feats:
             sweep(result, args, sae, feats[args.sweep_m], t_kernel, compute, timer, gen)
+    result["config"]["graphs"] = timer.graphs and timer.graph_error is None
+    result["config"]["graph_error"] = timer.graph_error
     return result
 
 
@@ -375,8 +287,12 @@ def sweep(result, args, sae, f, t_kernel, compute, timer, gen) -> None:
             out = kernel_launch(pool[0], sae.b_dec, W, b32, t32, *cfg)
             diff = float((out - base).abs().max()) if out.numel() else 0.0
             entry["max_abs_diff_vs_default"] = diff
-            sec = timer.measure({"k": (lambda cfg=cfg: kernel_launch(next(it), sae.b_dec, W, b32, t32, *cfg), None)})["k"]
-            entry.update(seconds=sec, fraction=nbytes / sec / result["roofline"]["copy_bytes_per_s"])
+            sec = timer.measure({"k": (lambda cfg=cfg: kernel_launch(next(it), sae.b_dec, W, b32, t32, *cfg), None)},
+                                graph_calls=len(pool))["k"]  # fmt: skip
+            graph = timer.graph.get("k")
+            bw = result["roofline"]["copy_bytes_per_s"]
+            entry.update(seconds=sec, fraction=nbytes / sec / bw, graph_seconds=graph,
+                         graph_fraction=(nbytes / graph / bw) if graph else None)  # fmt: skip
         except Exception as e:  # a tiling the device cannot run (shared memory, registers)
             entry["error"] = f"{type(e).__name__}: {str(e)[:200]}"
         result["sweep"].append(entry)
@@ -396,24 +312,38 @@ def markdown(result: dict) -> str:
         f"Roofline (measured in this run): matmul {roof['matmul_flops_per_s'] / 1e12:,.2f} TFLOP/s ({roof['matmul']}), "
         f"copy {roof['copy_bytes_per_s'] / 1e9:,.1f} GB/s ({roof['copy']})",
         "",
-        "| section | contender | batch | time | tokens/s | % of roofline | vs reference |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]  # fmt: skip
+    ]
+    graphs = any(r.get("graph_seconds") for r in result["rows"])
+    if graphs:
+        lines += ["Time and % of roofline per eager call (Python and launches included, as the sidecar calls it); "
+                  "'graph': the same calls replayed from a CUDA graph (the GPU's own time).", ""]
+    lines += ["| section | contender | batch | time | tokens/s | % of roofline | vs reference |"
+              + (" graph time | graph % of roofline |" if graphs else ""),
+              "|---|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if graphs else "")]  # fmt: skip
     for r in result["rows"]:
         kind = "matmul" if r["roofline"] == "flops" else "copy"
         vs = f"{r['vs_reference']:.2f}x" if r["vs_reference"] else "—"
-        lines.append(f"| {r['section']} | {r['name']} | {r['batch']} | {_fmt_time(r['seconds'])} | "
-                     f"{r['tokens_per_s']:,.0f} | {100 * r['fraction']:.1f} % {kind} | {vs} |")  # fmt: skip
+        line = (f"| {r['section']} | {r['name']} | {r['batch']} | {_fmt_time(r['seconds'])} | "
+                f"{r['tokens_per_s']:,.0f} | {100 * r['fraction']:.1f} % {kind} | {vs} |")  # fmt: skip
+        if graphs:
+            g = r.get("graph_seconds")
+            line += f" {_fmt_time(g)} | {100 * r['graph_fraction']:.1f} % |" if g else " — | — |"
+        lines.append(line)
+    if cfg.get("graph_error"):
+        lines += ["", f"CUDA-graph timing stopped: {cfg['graph_error']}"]
     if result["sweep"]:
         lines += ["", f"Kernel tilings, watch({cfg['sweep_m']}) at batch {max(cfg['batches'])}:", "",
-                  "| BLOCK_N | BLOCK_M | BLOCK_D | warps | stages | time | % of copy | max diff vs default |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+                  "| BLOCK_N | BLOCK_M | BLOCK_D | warps | stages | time | % of copy | graph time | graph % of copy "
+                  "| max diff vs default |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
         for s in result["sweep"]:
             head = f"| {s['block_n']} | {s['block_m']} | {s['block_d']} | {s['num_warps']} | {s['num_stages']} |"
             if "error" in s:
-                lines.append(f"{head} failed: {s['error'][:80]} | | |")
-            else:
-                lines.append(f"{head} {_fmt_time(s['seconds'])} | {100 * s['fraction']:.1f} % | {s['max_abs_diff_vs_default']:.2e} |")
+                lines.append(f"{head} failed: {s['error'][:80]} | | | | |")
+                continue
+            g = s.get("graph_seconds")
+            gcols = f"{_fmt_time(g)} | {100 * s['graph_fraction']:.1f} %" if g else "— | —"
+            lines.append(f"{head} {_fmt_time(s['seconds'])} | {100 * s['fraction']:.1f} % | {gcols} | "
+                         f"{s['max_abs_diff_vs_default']:.2e} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
@@ -422,7 +352,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N)")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                     help="compute dtype on CUDA (the engine always computes fp32 on CPU)")
-    ap.add_argument("--batches", "--batch", default=None, help="batch sizes (default: 256 on CPU, 1,64,256,4096 on CUDA)")
+    ap.add_argument("--batches", "--batch", default=None,
+                    help="batch sizes (default: 256 on CPU, 1,64,256,4096,16384 on CUDA)")  # fmt: skip
     ap.add_argument("--d-in", type=int, default=2304)
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--m", default="16,64,256,1024", help="watched feature counts")
@@ -437,6 +368,8 @@ def parser() -> argparse.ArgumentParser:
                          "threads stall at OpenMP barriers; 0: torch's default)")  # fmt: skip
     ap.add_argument("--seconds", type=float, default=None, help="minimum timing per group (default 1 CPU, 0.3 CUDA)")
     ap.add_argument("--rounds", type=int, default=5, help="minimum timed blocks per contender")
+    ap.add_argument("--no-graphs", dest="graphs", action="store_false",
+                    help="CUDA: skip the CUDA-graph replay timings (the GPU's own time per call)")
     ap.add_argument("--quick", action="store_true", help="small roofline probes and sweep (CI)")
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--markdown", type=Path, help="write the table here")
@@ -449,7 +382,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     if cuda and not torch.cuda.is_available():
         raise SystemExit("bench/encode.py: --device cuda but torch.cuda.is_available() is False")
     if args.batches is None:
-        args.batches = "1,64,256,4096" if cuda else "256"
+        args.batches = "1,64,256,4096,16384" if cuda else "256"
     if args.seconds is None:
         args.seconds = 0.3 if cuda else 1.0
     threads = args.threads if args.threads is not None else (0 if cuda else 1)

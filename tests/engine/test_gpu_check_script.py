@@ -192,6 +192,10 @@ def test_goals_are_judged_on_the_gemma_shape_at_batch_4096(monkeypatch):
     assert g["full_encode"]["met"] is True and g["full_encode"]["value"] == 0.72
     assert g["watch_bandwidth"]["met"] is False and "Triton" in g["watch_bandwidth"]["detail"]  # the default CUDA path
     assert g["watch_speedup"]["met"] is True and g["tolerance"]["met"] is True
+    larger = {"config": {**result["config"], "batches": [1, 4096, 16384]},
+              "rows": result["rows"] + [row("watch(M=64)", "watch, Triton kernel", 0.55, 60.0, batch=16384)]}  # fmt: skip
+    g = script.goals(larger, checks_passed=True)
+    assert g["watch_bandwidth"]["met"] is True and "batch 4096 41.0 %, batch 16384 55.0 %" in g["watch_bandwidth"]["detail"]
     assert script.goals(result, checks_passed=False)["tolerance"]["met"] is False
     small = script.goals({**result, "config": {**result["config"], "d_in": 256}}, checks_passed=True)
     assert small["full_encode"]["met"] is None and "not evaluated" in small["full_encode"]["detail"]
