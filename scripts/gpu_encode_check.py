@@ -2,7 +2,7 @@
 """Prove featurewatch's GPU encode path in one call: every CUDA encode path against the float32
 CPU reference, then the encode benchmark (bench/encode.py), with the goals of issue 15.
 
-    python scripts/gpu_encode_check.py --out $OUT           # CUDA machine: ~3-5 min on an H200 (< 8)
+    python scripts/gpu_encode_check.py --out $OUT           # CUDA machine: a few minutes on an H200 (< 8)
     python scripts/gpu_encode_check.py --out DIR --quick    # CPU: Triton in its interpreter, < 1 min
 
 The device is CUDA when torch sees one, else the CPU with TRITON_INTERPRET=1 (set here before
