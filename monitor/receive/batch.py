@@ -1,13 +1,15 @@
 """Decode and validate one ActivationBatch: raw bytes in, torch rows and label arrays out.
 
 Every way a batch can be wrong maps to one drop reason, so a malformed batch is rejected and
-counted (`featurewatch_batches_dropped_total{reason}`) and the stream goes on.
+counted (`featurewatch_batches_dropped_total{reason}`) and the stream goes on. A fault in one
+request's labels (a position no sequence reaches) drops only that request's rows
+(`featurewatch_tokens_dropped_total{reason}`): the other requests of the batch lose nothing.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -15,6 +17,9 @@ import torch
 from monitor.protocol import pb
 
 TORCH_DTYPES = {pb.FLOAT32: torch.float32, pb.FLOAT16: torch.float16, pb.BFLOAT16: torch.bfloat16}
+# Positions at or above this are refused whatever the configuration says: dedupe keeps `position + 1`
+# in int64, so anything near 2**63 would overflow (and no sequence is that long).
+POSITION_CEILING = 1 << 62
 
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
@@ -36,6 +41,7 @@ class DecodedBatch:
     generated: np.ndarray  # [N] bool
     captured_unix_s: float
     nbytes: int
+    dropped: dict[str, int] = field(default_factory=dict)  # token rows left out, by reason
 
     @property
     def n_tokens(self) -> int:
@@ -43,11 +49,13 @@ class DecodedBatch:
 
 
 def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int], max_bytes: int, max_tokens: int,
-                 data=None) -> DecodedBatch:
+                 data=None, max_position: int = POSITION_CEILING) -> DecodedBatch:
     """Validate shapes, dtypes, labels and limits; raise BatchRejected(reason, detail).
 
     ``data``: the activation bytes when the receiver kept them out of the message
-    (``monitor.receive.wire``); otherwise they are read from ``msg.activations.data``."""
+    (``monitor.receive.wire``); otherwise they are read from ``msg.activations.data``.
+    ``max_position``: a request with a token at or beyond it loses its rows of this batch
+    (``dropped["position"]``); the batch is rejected only if nothing else is left."""
     t = msg.activations
     if data is None:
         data = t.data  # each access to a protobuf bytes field copies it: read it once
@@ -62,8 +70,8 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
     n_layers, n_tokens, d = shape
     if d != d_model:
         raise BatchRejected("malformed", f"d={d} but the plugin said d_model={d_model}")
-    if n_layers != len(msg.layers) or n_layers == 0:
-        raise BatchRejected("malformed", f"{n_layers} activation slices for layers {list(msg.layers)}")
+    if n_layers != len(msg.layers) or n_layers == 0 or len(set(msg.layers)) != n_layers:
+        raise BatchRejected("malformed", f"{n_layers} activation slices for layers {list(msg.layers)[:16]}")
     if n_tokens > max_tokens:
         raise BatchRejected("oversized", f"{n_tokens} tokens > limit {max_tokens}")
     dtype = TORCH_DTYPES[t.dtype]
@@ -76,15 +84,30 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
     if not (len(msg.token_request_index) == len(msg.positions) == len(msg.is_generated) == n_tokens):
         raise BatchRejected("malformed", f"label lengths {len(msg.token_request_index)}/{len(msg.positions)}/"
                             f"{len(msg.is_generated)} differ from {n_tokens} tokens")
+    if len(msg.request_ids) > max_tokens:  # a step never has more requests than tokens it may carry
+        raise BatchRejected("oversized", f"{len(msg.request_ids)} request ids > limit {max_tokens}")
     token_request = np.array(msg.token_request_index, dtype=np.int64)
     if n_tokens and (token_request.max() >= len(msg.request_ids)):
         raise BatchRejected("malformed", f"token request index {int(token_request.max())} >= {len(msg.request_ids)} request ids")
+    positions = np.array(msg.positions, dtype=np.uint64)  # uint64 on the wire: convert only once in range
+    generated = np.array(msg.is_generated, dtype=bool)
     activations = torch.frombuffer(data, dtype=dtype).view(n_layers, n_tokens, d) if nbytes else torch.empty(shape, dtype=dtype)
+    dropped = {}
+    limit = min(max_position, POSITION_CEILING)
+    if n_tokens and positions.max() >= limit:
+        # This request's labels cannot be trusted: leave out all its rows of the batch (its dedupe and
+        # windows never see them); the other requests' rows go on as if it had not been there.
+        bad = np.isin(token_request, np.unique(token_request[positions >= limit]))
+        if bad.all():
+            raise BatchRejected("position", f"position {int(positions.max())} >= limit {limit}")
+        keep = np.nonzero(~bad)[0]
+        dropped["position"] = int(bad.sum())
+        activations = activations[:, torch.from_numpy(keep)]  # a copy, only on this rare path
+        token_request, positions, generated = token_request[keep], positions[keep], generated[keep]
     return DecodedBatch(
         step=msg.step, layers=list(msg.layers), activations=activations, request_ids=list(msg.request_ids),
-        token_request=token_request, positions=np.array(msg.positions, dtype=np.int64),
-        generated=np.array(msg.is_generated, dtype=bool),
-        captured_unix_s=msg.captured_unix_s, nbytes=nbytes,
+        token_request=token_request, positions=positions.astype(np.int64), generated=generated,
+        captured_unix_s=msg.captured_unix_s, nbytes=nbytes, dropped=dropped,
     )
 
 
