@@ -14,6 +14,7 @@ from concurrent.futures import Future
 from typing import Callable
 
 import numpy as np
+import torch
 
 from monitor.evaluate.compiler import CompiledRules
 from monitor.evaluate.state import LayerBatch, RequestInfo, RequestTable, Verdict
@@ -39,6 +40,7 @@ class Pipeline:
         self.steering = steering
         self.model_name = model_name
         self._evicted_exported = 0
+        requests.on_drop = steering.forget  # evicted or idle requests leave the steering table too
 
     def swap_rules(self, rules: CompiledRules) -> None:
         self.rules = rules
@@ -72,13 +74,16 @@ class Pipeline:
             else:  # part by part, so a token re-sent in a later part is dropped as it would be alone
                 keep = np.concatenate([self.requests.dedupe(LayerBatch(layer, p.request_ids, p.token_request, p.positions,
                                                                        p.generated)) for p in parts])
-            self._count_tokens(layer, keep, batch.generated)
             if layer not in rules.encode.layers:
+                self._count_tokens(layer, keep, batch.generated)
                 continue
+            xs = [part.activations[i].float() for part in parts]
             started = time.perf_counter()
-            blocks = [rules.encode.compute(layer, part.activations[i].float()) for part in parts]
+            blocks = [rules.encode.compute(layer, x) for x in xs]
             signals = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
             self.metrics.encode_seconds.labels(str(layer)).observe(time.perf_counter() - started)
+            keep = self._drop_nonfinite(xs, signals, keep)
+            self._count_tokens(layer, keep, batch.generated)
             self._export_signals(rules, layer, signals, keep)
             verdicts.extend(self.requests.evaluate(rules, lb, signals, keep))
         now = time.time()
@@ -92,6 +97,21 @@ class Pipeline:
             self.metrics.requests_evicted.labels("table_full").inc(self.requests.evicted - self._evicted_exported)
             self._evicted_exported = self.requests.evicted
         return verdicts
+
+    def _drop_nonfinite(self, xs: list, signals: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """``keep`` without the rows whose activations (NaN, ±Inf) or signals (a finite row so large
+        that a feature overflows) are not finite: they never reach a metric, a window or an alert."""
+        finite = [finite_rows(x) for x in xs]
+        bad_signals = signals.shape[1] and not np.isfinite(signals).all()
+        if bad_signals or any(f is not None for f in finite):  # rare
+            mask = np.concatenate([np.ones(len(x), bool) if f is None else f for x, f in zip(xs, finite)])
+            if bad_signals:
+                mask &= np.isfinite(signals).all(axis=1)
+            dropped = int((keep & ~mask).sum())
+            if dropped:
+                self.metrics.tokens_dropped.labels("nonfinite").inc(dropped)
+            keep = keep & mask
+        return keep
 
     def _count_tokens(self, layer: int, keep: np.ndarray, generated: np.ndarray) -> None:
         n_gen = int((keep & generated).sum())
@@ -142,6 +162,21 @@ class Pipeline:
             self.events.emit("steering", trigger="rule", from_position=directive.from_position,
                              actions=[a.WhichOneof("kind") for a in directive.actions], **event)
             self.tracing.steering(verdict, directive)
+
+
+def finite_rows(x: torch.Tensor) -> np.ndarray | None:
+    """None when every row of ``x [N, d]`` is finite, else the mask of finite rows.
+
+    One row sum is the cheap test (NaN and ±Inf propagate into it; ~0.1 ms for 256 x 2304 against
+    ~2 ms for ``isfinite(x).all()`` here); only rows whose sum is not finite (or overflowed) are
+    then checked element by element."""
+    suspect = ~torch.isfinite(x.sum(dim=-1))
+    if not bool(suspect.any()):
+        return None
+    rows = torch.nonzero(suspect).flatten()
+    mask = np.ones(x.shape[0], dtype=bool)
+    mask[rows.numpy()] = torch.isfinite(x[rows]).all(dim=-1).numpy()
+    return None if mask.all() else mask
 
 
 class PipelineThread:

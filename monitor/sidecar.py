@@ -55,7 +55,7 @@ class Sidecar:
         default_rules, default_events = (None, None) if rule_store and event_store else make_stores(config)
         self.rule_store = rule_store or default_rules
         self.event_store = event_store or default_events
-        self.metrics = SidecarMetrics(config.model_name)
+        self.metrics = SidecarMetrics(config.model_name, max_engine_labels=config.limits.max_engine_labels)
         self.events = EventSink(self.event_store, self.metrics)
         self.tracing = Tracing(config.tracing, config.model_name)
         self.steering = SteeringController(config.steering.enabled, config.steering.failure_mode)
@@ -183,11 +183,11 @@ class Sidecar:
             log.warning("plugin %s did not hook layers %s that rules need", stream.engine, sorted(missing))
         if stream not in self.streams:
             self.streams.add(stream)
-            self.metrics.plugin_restarted(stream.engine)
+            self.metrics.plugin_restarted(stream.engine, stream.id)
             self.metrics.plugin_connected.labels(self.config.model_name, stream.engine).inc()
             log.info("plugin connected: model=%s engine=%s d=%d layers=%s", stream.hello.model_name,
                      stream.engine, stream.hello.d_model, list(stream.hello.available_layers))
-        stream.outbox.put_nowait(pb.SidecarMessage(plan=plan))
+        stream.reply(pb.SidecarMessage(plan=plan))  # bounded: a plan that cannot be queued ends the stream
 
     def detach(self, stream: PluginStream) -> None:
         if stream in self.streams:
@@ -208,7 +208,7 @@ class Sidecar:
         """Called from the pipeline thread: hand a directive to the stream's outbox."""
         if stream is None or stream not in self.streams or self._loop is None:
             return False
-        self._loop.call_soon_threadsafe(stream.outbox.put_nowait, pb.SidecarMessage(directive=directive))
+        self._loop.call_soon_threadsafe(stream.reply, pb.SidecarMessage(directive=directive))
         return True
 
     # ------------------------------------------------------------------ queue
@@ -261,7 +261,7 @@ class Sidecar:
         elif kind == "request_finish":
             self.pipeline.request_finished(item.request_finish.request_id)
         elif kind == "stats":
-            self.metrics.plugin_stats(stream.engine, item.stats)
+            self.metrics.plugin_stats(stream.engine, item.stats, stream.id)
 
     def export_store_counters(self) -> None:
         """Stores count their own errors and drops (they never raise into the hot path); export the

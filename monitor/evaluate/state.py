@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -80,6 +80,9 @@ class RequestTable:
         self.idle_timeout_s = idle_timeout_s
         self._states: OrderedDict[str, RequestState] = OrderedDict()
         self.evicted = 0
+        # called with the id of each request dropped without a RequestFinish (evicted, idle), so what
+        # other stages keep per request (the steering table) goes with it
+        self.on_drop: Callable[[str], None] | None = None
         self.deduplicated_tokens = 0
         self._n_rules = 0
 
@@ -112,12 +115,18 @@ class RequestTable:
         stale = [rid for rid, s in self._states.items() if s.touched < cutoff]
         for rid in stale:
             del self._states[rid]
+            self._dropped(rid)
         return len(stale)
 
     def _evict(self) -> None:
         while len(self._states) > self.max_requests:
-            self._states.popitem(last=False)
+            rid, _ = self._states.popitem(last=False)
             self.evicted += 1
+            self._dropped(rid)
+
+    def _dropped(self, request_id: str) -> None:
+        if self.on_drop is not None:
+            self.on_drop(request_id)
 
     def _state_for(self, request_id: str, now: float | None = None) -> RequestState:
         state = self._states.get(request_id)

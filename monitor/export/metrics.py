@@ -7,8 +7,10 @@ Updated once per batch, never per token: label children are cached and per-token
 from __future__ import annotations
 
 import gc
+import re
 import threading
 import time
+from collections import OrderedDict
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -48,10 +50,54 @@ class BatchHistogram:
         yield family
 
 
+class LabelBudget:
+    """At most ``limit`` distinct values of one label (a plugin's ``Hello.engine``): a value is held
+    while a stream uses it; a value no stream holds keeps its series (a dashboard sees it go to 0)
+    until a new value needs its slot, when ``on_reclaim(value)`` removes them. Values beyond the
+    budget, or not label-shaped (length, characters), share the label ``other``."""
+
+    OTHER = "other"
+    SHAPE = re.compile(r"[A-Za-z0-9_.:\-]{1,64}")
+
+    def __init__(self, limit: int, on_reclaim) -> None:
+        self.limit, self._on_reclaim = limit, on_reclaim
+        self._holders: dict[str, int] = {}  # value -> streams holding it (0: idle, reclaimable)
+        self._idle: OrderedDict[str, None] = OrderedDict()  # idle values, least recently released first
+        self.lock = threading.Lock()  # held while a label's series are written or removed
+
+    def acquire(self, value: str) -> str:
+        with self.lock:
+            if not self.SHAPE.fullmatch(value) or value == self.OTHER:
+                return self.OTHER
+            if value not in self._holders:
+                if len(self._holders) >= self.limit:
+                    if not self._idle:
+                        return self.OTHER
+                    old, _ = self._idle.popitem(last=False)
+                    del self._holders[old]
+                    self._on_reclaim(old)
+                self._holders[value] = 0
+            self._holders[value] += 1
+            self._idle.pop(value, None)
+            return value
+
+    def release(self, label: str) -> None:
+        with self.lock:
+            if label in self._holders and self._holders[label] > 0:
+                self._holders[label] -= 1
+                if self._holders[label] == 0:
+                    self._idle[label] = None
+
+    def known(self, label: str) -> bool:
+        """Whether series of ``label`` may be written (not reclaimed since it was acquired); hold
+        ``lock`` from this check until the writes are done."""
+        return label == self.OTHER or label in self._holders
+
+
 class SidecarMetrics:
     """Every metric the sidecar exports, on its own registry."""
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, model_name: str, registry: CollectorRegistry | None = None, max_engine_labels: int = 16) -> None:
         self.model_name = model_name
         r = self.registry = registry or CollectorRegistry()
         p = "featurewatch_"
@@ -91,7 +137,24 @@ class SidecarMetrics:
         self.gc_pause = Histogram(p + "gc_pause_seconds", "Python garbage-collector pauses (they stop every thread), by generation.", ["generation"], buckets=LATENCY_BUCKETS, registry=r)
         self._gc_started: float | None = None
         self.plugin_queue_depth = Gauge(p + "plugin_queue_depth", "Plugin send queue depth.", ["model_name", "engine"], registry=r)
-        self._plugin_seen: dict[tuple, dict] = {}
+        self._plugin_seen: dict = {}
+        # ingest bounds (issue 10): rows one request's bad data cost, streams and replies given up
+        self.tokens_dropped = Counter(p + "tokens_dropped", "Token rows left out of evaluation (a request's position out of "
+                                      "range, non-finite activations), by reason.", ["reason"], registry=r)
+        self.plugin_streams_ended = Counter(p + "plugin_streams_ended", "Plugin streams that ended, by reason (plugin_closed, "
+                                            "aborted: cancelled, connection lost or a message over the gRPC size limit; "
+                                            "refusals; outbox_full).", ["reason"], registry=r)
+        self.outbox_dropped = Counter(p + "outbox_dropped", "Replies to a plugin dropped because its outbox was full (a plugin "
+                                      "that does not read), by kind.", ["kind"], registry=r)
+        self.engines = LabelBudget(max_engine_labels, self._remove_engine)
+
+    ENGINE_METRICS = ("batches_received", "plugin_connected", "plugin_dropped", "plugin_enqueue_sum", "plugin_enqueue_count",
+                      "plugin_reconnects", "plugin_cached_tokens", "plugin_queue_depth")
+
+    def _remove_engine(self, engine: str) -> None:
+        """An engine label reclaimed from the budget: its series go away."""
+        for name in self.ENGINE_METRICS:
+            getattr(self, name).remove(self.model_name, engine)
 
     def watch_gc(self) -> None:
         """Time every garbage collection: a pause stalls the receive loop and the pipeline alike."""
@@ -122,9 +185,14 @@ class SidecarMetrics:
         for mode in ("open", "closed"):
             self.steering_failure_mode.labels(mode).set(1 if mode == failure_mode else 0)
 
-    def plugin_stats(self, engine: str, stats) -> None:
-        """PluginStats are cumulative; export the increase since the last report of this engine."""
-        key = (self.model_name, engine)
+    def plugin_stats(self, engine: str, stats, stream=None) -> None:
+        """PluginStats are cumulative; export the increase since the last report of this engine (of
+        this ``stream`` when given: streams sharing the label ``other`` each count from their own last)."""
+        with self.engines.lock:
+            if self.engines.known(engine):  # else the stream is gone and its label reclaimed: no series may come back
+                self._plugin_stats((self.model_name, engine), stats, (self.model_name, engine) if stream is None else ("stream", stream))
+
+    def _plugin_stats(self, labels: tuple, stats, key) -> None:
         last = self._plugin_seen.get(key, {})
         fields = {
             "batches_dropped_queue_full": self.plugin_dropped, "enqueue_seconds_sum": self.plugin_enqueue_sum,
@@ -137,10 +205,10 @@ class SidecarMetrics:
             now[field] = value
             delta = value - last.get(field, 0)
             if delta > 0:
-                counter.labels(*key).inc(delta)
+                counter.labels(*labels).inc(delta)
         self._plugin_seen[key] = now
-        self.plugin_queue_depth.labels(*key).set(stats.queue_depth)
+        self.plugin_queue_depth.labels(*labels).set(stats.queue_depth)
 
-    def plugin_restarted(self, engine: str) -> None:
-        """A new Hello: the plugin's cumulative counters start again from zero."""
-        self._plugin_seen.pop((self.model_name, engine), None)
+    def plugin_restarted(self, engine: str, stream=None) -> None:
+        """A new Hello (or a stream gone): the plugin's cumulative counters start again from zero."""
+        self._plugin_seen.pop((self.model_name, engine) if stream is None else ("stream", stream), None)
