@@ -1,7 +1,7 @@
-"""The OpenAI server path: ``python -m vllm.entrypoints.openai.api_server`` as a subprocess with
-both featurewatch entry points allowlisted, the fake sidecar over TCP. Request ids
+"""The OpenAI server path: ``python -m vllm.entrypoints.openai.api_server --api-key ...`` as a
+subprocess with both featurewatch entry points allowlisted, the fake sidecar over TCP. Request ids
 (``X-Request-Id``), ``vllm_xargs`` metadata and the W3C traceparent must reach the sidecar; the
-control routes answer."""
+control routes answer, and only with vLLM's API key (vLLM's own middleware guards only /v1...)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ from tests.plugin.helpers import engine_env, make_plan
 pytestmark = pytest.mark.vllm
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+API_KEY = "sk-test-featurewatch"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 def _free_port() -> int:
@@ -30,12 +32,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _http(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 60):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, method="GET" if body is None else "POST",
-                                 headers={"Content-Type": "application/json", **(headers or {})})
+def _http(url: str, body: dict | None = None, headers: dict | None = None, timeout: float = 60,
+          auth: dict | None = AUTH, raw: bytes | None = None):
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                 headers={"Content-Type": "application/json", **(auth or {}),
+                                          **(headers or {})})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return json.loads(r.read() or b"null")
+
+
+def _refused(url: str, body: dict | None = None, **kw) -> tuple[int, dict]:
+    with pytest.raises(urllib.error.HTTPError) as e:
+        _http(url, body, **kw)
+    return e.value.code, json.loads(e.value.read() or b"null")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +63,7 @@ def server(tiny_model, tmp_path_factory):
          "--served-model-name", "tiny", "--dtype", "float32", "--enforce-eager",
          "--max-model-len", "256", "--max-num-batched-tokens", "256", "--max-num-seqs", "8",
          "--kv-cache-memory-bytes", str(32 << 20), "--block-size", "32", "--seed", "0",
-         "--host", "127.0.0.1", "--port", str(port)],
+         "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY],
         env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -123,6 +133,32 @@ def test_status_and_steering_routes(server):
     assert off["workers"][0]["steering"]["local_override"] is False
     back = _http(base + "/featurewatch/steering", {"enabled": None})
     assert back["workers"][0]["steering"]["local_override"] is None
-    with pytest.raises(urllib.error.HTTPError) as e:
-        _http(base + "/featurewatch/steering", {"enabled": "no"})
-    assert e.value.code == 400
+    assert _refused(base + "/featurewatch/steering", {"enabled": "no"})[0] == 400
+    assert _refused(base + "/featurewatch/steering", {})[0] == 400  # not a silent reset
+    assert _refused(base + "/featurewatch/steering", raw=b"{not json")[0] == 400
+    assert _refused(base + "/featurewatch/steering", raw=b" " * 100_000)[0] == 413
+
+
+def test_control_routes_require_the_api_key(server):
+    base, _ = server
+    url = base + "/featurewatch/steering"
+    for auth in (None, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                 {"Authorization": f"Basic {API_KEY}"}, {"Authorization": f"Bearer {API_KEY}x"}):
+        code, body = _refused(url, {"enabled": False}, auth=auth)
+        assert code == 401 and body == {"error": "Unauthorized"}, auth
+    st = _http(base + "/featurewatch/status")
+    assert st["workers"][0]["steering"]["local_override"] is None  # nothing was switched off
+    assert _refused(base + "/v1/models", auth=None)[0] == 401  # vLLM's own guard, for reference
+
+
+def test_status_without_the_key_reveals_nothing_sensitive(server):
+    base, _ = server
+    _http(base + "/v1/completions", {"model": "tiny", "prompt": "red green blue", "max_tokens": 2,
+                                     "vllm_xargs": {"steer": "policy"}},
+          {"X-Request-Id": "secret-request"})
+    full = _http(base + "/featurewatch/status")
+    assert full["authenticated"] is True and full["workers"][0]["address"]
+    for auth in (None, {"Authorization": "Bearer wrong"}):
+        public = _http(base + "/featurewatch/status", auth=auth)
+        assert public == {"ok": True, "authenticated": False, "enabled": True,
+                          "connected": True, "selftest": ["passed"]}
