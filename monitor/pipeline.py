@@ -78,11 +78,12 @@ class Pipeline:
                 self._count_tokens(layer, keep, batch.generated)
                 continue
             xs = [part.activations[i].float() for part in parts]
+            finite = [finite_rows(x) for x in xs]  # first: the encode then reads x from cache
             started = time.perf_counter()
             blocks = [rules.encode.compute(layer, x) for x in xs]
             signals = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
             self.metrics.encode_seconds.labels(str(layer)).observe(time.perf_counter() - started)
-            keep = self._drop_nonfinite(xs, signals, keep)
+            keep = self._drop_nonfinite(xs, finite, signals, keep)
             self._count_tokens(layer, keep, batch.generated)
             self._export_signals(rules, layer, signals, keep)
             verdicts.extend(self.requests.evaluate(rules, lb, signals, keep))
@@ -98,10 +99,10 @@ class Pipeline:
             self._evicted_exported = self.requests.evicted
         return verdicts
 
-    def _drop_nonfinite(self, xs: list, signals: np.ndarray, keep: np.ndarray) -> np.ndarray:
-        """``keep`` without the rows whose activations (NaN, ±Inf) or signals (a finite row so large
-        that a feature overflows) are not finite: they never reach a metric, a window or an alert."""
-        finite = [finite_rows(x) for x in xs]
+    def _drop_nonfinite(self, xs: list, finite: list, signals: np.ndarray, keep: np.ndarray) -> np.ndarray:
+        """``keep`` without the rows whose activations (NaN, ±Inf: ``finite``, from :func:`finite_rows`)
+        or signals (a finite row so large that a feature overflows) are not finite: they never reach
+        a metric, a window or an alert."""
         bad_signals = signals.shape[1] and not np.isfinite(signals).all()
         if bad_signals or any(f is not None for f in finite):  # rare
             mask = np.concatenate([np.ones(len(x), bool) if f is None else f for x, f in zip(xs, finite)])
@@ -167,12 +168,12 @@ class Pipeline:
 def finite_rows(x: torch.Tensor) -> np.ndarray | None:
     """None when every row of ``x [N, d]`` is finite, else the mask of finite rows.
 
-    One row sum is the cheap test (NaN and ±Inf propagate into it; ~0.1 ms for 256 x 2304 against
-    ~2 ms for ``isfinite(x).all()`` here); only rows whose sum is not finite (or overflowed) are
-    then checked element by element."""
-    suspect = ~torch.isfinite(x.sum(dim=-1))
-    if not bool(suspect.any()):
+    One sum is the cheap test: NaN and ±Inf propagate into it (~75 us for 256 x 2304 float32 out of
+    cache here, against ~1 ms for ``isfinite(x).all()``). Only when it is not finite (or a finite
+    but huge batch overflowed it) are row sums, then the suspect rows element by element, checked."""
+    if bool(torch.isfinite(x.sum())):
         return None
+    suspect = ~torch.isfinite(x.sum(dim=-1))
     rows = torch.nonzero(suspect).flatten()
     mask = np.ones(x.shape[0], dtype=bool)
     mask[rows.numpy()] = torch.isfinite(x[rows]).all(dim=-1).numpy()
