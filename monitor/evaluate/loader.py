@@ -162,8 +162,9 @@ def load_yaml(text: str):
         raise
     except yaml.YAMLError as exc:
         raise YamlRefused(f"not valid YAML: {exc}") from None
-    except (ValueError, TypeError, OverflowError, RecursionError, MemoryError) as exc:
-        # constructors that raise plain errors: timestamps datetime() refuses, ints over 4300 digits
+    except Exception as exc:
+        # PyYAML's constructors raise plain errors: ValueError for a timestamp datetime() refuses or an
+        # int over 4300 digits, IndexError for `!!float ''`...: all of them are the document's fault
         raise YamlRefused(f"not valid YAML: {type(exc).__name__}: {exc}") from None
     finally:
         loader.dispose()

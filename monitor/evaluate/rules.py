@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from monitor.evaluate.loader import MAX_BYTES, YamlRefused, clip, decode_utf8, load_yaml, read_regular_file, shorten
 
@@ -156,14 +156,14 @@ class RuleFile(_Strict):
     rules: list[Rule] = Field(default_factory=list)
     policies: list[Policy] = Field(default_factory=list)
 
-    @model_validator(mode="after")
-    def _unique_names(self) -> "RuleFile":
-        for kind, items in (("rules", self.rules), ("policies", self.policies)):
-            names = [i.name for i in items]
-            dupes = sorted({n for n in names if names.count(n) > 1})
-            if dupes:
-                raise ValueError(f"{kind} names must be unique, repeated: {dupes}")
-        return self
+    @field_validator("rules", "policies")
+    @classmethod
+    def _unique_names(cls, items: list, info):
+        names = [i.name for i in items]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"{info.field_name} names must be unique, repeated: {dupes[:10]}")
+        return items
 
 
 @dataclass(frozen=True)
@@ -259,7 +259,8 @@ def _locate(file: str, raw: dict, err: dict) -> RuleError:
         message = "value must be finite"
     else:
         message = err["msg"].removeprefix("Value error, ")
-    shown = "" if isinstance(value, dict) or err["type"] == "missing" else f" (got {shorten(value)})"
+    whole = isinstance(value, dict) or (isinstance(value, list) and err["type"] == "value_error")
+    shown = "" if whole or err["type"] == "missing" else f" (got {shorten(value)})"
     return RuleError(file, rule, _location(loc), f"{clip(message, 200)}{shown}", kind)
 
 
