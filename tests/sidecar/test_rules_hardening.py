@@ -83,7 +83,8 @@ policies:
      "rules.yaml: policy 'acme' field 'steer[0].add.scale': value must be finite (got 'NaN')"),
     (policy("{clamp: {source: sae, feature: 3, value: 1e39}}"),
      "rules.yaml: policy 'acme' field 'steer[0].clamp.value': Input should be less than or equal to 10000"),
-])
+], ids=["above_nan", "above_-inf", "above_1e400", "ema_alpha_nan", "clamp_nan", "clamp_inf", "add_scale_1e39",
+        "clamp_-20000", "policy_scale_nan", "policy_scale_str_NaN", "policy_clamp_1e39"])
 def test_non_finite_and_unbounded_numbers_are_refused_naming_the_field(text, expected):
     assert expected in refusal(text)
 
@@ -198,7 +199,7 @@ def test_non_utf8_bytes_are_refused_with_the_offset():
     ("rules: !!binary 'not base64!'", "not valid YAML"),
     ("rules: !!python/object/apply:os.system ['true']", "not valid YAML"),
     ("? [a, b]\n: 1\n", "not valid YAML"),
-])
+], ids=["bad_date", "int_5000_digits", "bad_base64", "python_tag", "unhashable_key"])
 def test_yaml_constructor_failures_are_refusals(text, expected):
     assert expected in refusal(text)
 
@@ -232,7 +233,7 @@ rules:
     (rule().replace("feature: 3}", "feature: 1180591620717411303424}"), "signal.feature"),
     (rule(actions="[{steer: {clamp: {source: sae, feature: 3, layer: -1}}}]"), "actions[0].steer.clamp.layer"),
     (rule(actions="[{steer: {add: {direction_file: d.npy, layer: 99999999999, scale: 1}}}]"), "actions[0].steer.add.layer"),
-])
+], ids=["count_2^70", "feature_2^70", "layer_-1", "layer_huge"])
 def test_unbounded_counts_indices_and_layers_are_refused(text, field):
     assert f"field '{field}'" in refusal(text)
 
@@ -313,8 +314,9 @@ def test_a_fifo_is_refused_without_blocking(dictionaries, dirs):
         message = compile_refusal(add_rule("pipe.npy"), dictionaries, allowed)
         assert message.startswith(f"r.yaml: {FIELD}") and "not a regular file" in message
     finally:
-        os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # lets the writer's open() return
+        reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # held open: the writer's open() returns
         thread.join()
+        os.close(reader)
 
 
 @pytest.mark.parametrize("name, content, expected", [
@@ -372,7 +374,7 @@ def cli(*args) -> subprocess.CompletedProcess:
     ((rule() + "rules: []\n").encode(), "duplicate key 'rules' at line 7"),
     (rule("    window: {kind: count, n: 1180591620717411303424}").encode(), "window.count.n"),
     (b"rules: [{name: 2001-02-30}]", "not valid YAML"),
-])
+], ids=["not_utf8", "deep_5000", "alias_bomb", "duplicate_key", "count_2^70", "bad_date"])
 def test_rules_validate_prints_the_refusal_and_exits_2(tmp_path, content, expected):
     path = tmp_path / "rules.yaml"
     path.write_bytes(content)
