@@ -40,17 +40,28 @@ def _fail(message: str, code: int = 1) -> None:
 @app.command()
 def serve(config: Path = typer.Option(..., "--config", "-c", exists=True, dir_okay=False, help="Sidecar YAML config."),
           log_level: str = typer.Option("INFO", help="Python log level.")) -> None:
-    """Run the sidecar: gRPC ingest + admin (Unix socket and TCP), health, /metrics."""
+    """Run the sidecar: gRPC ingest + admin (Unix socket and TCP), health, /metrics.
+
+    Neither the rules nor Redis can stop it from starting: a bad rules file is reported (logged,
+    featurewatch_rule_reloads_total{result="error"}) and the sidecar serves the store's rules or none
+    until the file is fixed; with Redis away it serves the file's rules and stores them when Redis is
+    back. Exit 2: the config (or a dictionary it names) cannot be used; 1: any other start failure;
+    both with one line on stderr (--log-level DEBUG adds the traceback)."""
     from monitor.config import ConfigError, load_config
-    from monitor.evaluate.rules import RulesInvalid
+    from monitor.encode.errors import SAEFormatError
     from monitor.sidecar import serve as run
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(config)
         asyncio.run(run(cfg))
-    except (ConfigError, RulesInvalid) as exc:
+    except (ConfigError, SAEFormatError) as exc:
         _fail(str(exc), 2)
+    except KeyboardInterrupt:
+        raise typer.Exit(130)
+    except Exception as exc:  # noqa: BLE001 - one line for the operator; the traceback at DEBUG
+        logging.getLogger("featurewatch").debug("serve failed", exc_info=True)
+        _fail(f"featurewatch serve stopped: {type(exc).__name__}: {' '.join(str(exc).split())[:300]}", 1)
 
 
 @rules_app.command("validate")

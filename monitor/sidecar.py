@@ -18,10 +18,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 
 from monitor.act.steering import SteeringController
-from monitor.config import SidecarConfig
+from monitor.config import ConfigError, SidecarConfig
 from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import CompiledRules, compile_rules
-from monitor.evaluate.rules import RulesInvalid
 from monitor.evaluate.state import RequestInfo, RequestTable
 from monitor.export.events import EventSink
 from monitor.export.metrics import SidecarMetrics
@@ -29,6 +28,7 @@ from monitor.export.tracing import Tracing
 from monitor.pipeline import Pipeline, PipelineThread
 from monitor.protocol import pb, pb_grpc
 from monitor.receive.server import AdminService, IngestService, PluginStream
+from monitor.rules_file import RulesFileWatcher, describe
 from monitor.stores.base import StoredRules
 
 log = logging.getLogger("featurewatch.sidecar")
@@ -37,15 +37,18 @@ GRPC_MESSAGE_SLACK = 4 * 1024 * 1024
 
 
 def make_stores(config: SidecarConfig):
+    """The configured stores. Redis need not be up: the stores connect (and reconnect) on their own."""
     if config.store.kind == "memory":
         from monitor.stores.memory import MemoryEventStore, MemoryRuleStore
 
         return MemoryRuleStore(), MemoryEventStore()
-    from monitor.stores.redis import RedisEventStore, RedisRuleStore
+    from monitor.stores.redis import open_redis_stores
+    from monitor.stores.redis.connection import safe_url
 
-    s = config.store
-    return (RedisRuleStore(s.url, prefix=s.prefix, reconcile_interval_s=s.reconcile_interval_s),
-            RedisEventStore(s.url, prefix=s.prefix, maxlen=s.events_maxlen))
+    try:
+        return open_redis_stores(config.store)
+    except ValueError as exc:  # redis-py's URL parsing: the config is wrong, not Redis
+        raise ConfigError(f"store.url: cannot use {safe_url(config.store.url)[:200]!r}: {str(exc)[:200]}") from None
 
 
 class Sidecar:
@@ -72,7 +75,9 @@ class Sidecar:
         self._tasks: list[asyncio.Task] = []
         self._servers: list = []
         self._metrics_server = None
-        self._rules_mtime: float | None = None
+        self._rules_lock = threading.RLock()  # one compile-and-swap at a time (file watcher, store thread, admin)
+        self.rules_file = (RulesFileWatcher(self, config.rules_file, config.rules_poll_interval_s)
+                           if config.rules_file is not None else None)
         self._store_seen: dict = {}
         self.health = health.aio.HealthServicer()
         self.metrics.queue_capacity.labels("encode").set(config.limits.queue_batches)
@@ -94,16 +99,19 @@ class Sidecar:
                              direction_dirs=self.config.direction_roots())
 
     def _load_initial_rules(self) -> None:
-        """Start-up is strict (a bad rules file stops `serve` with the error); reloads are not."""
-        path = self.config.rules_file
-        if path is not None:
-            text = path.read_text()
-            self.compile(text, str(path))  # raises RulesInvalid naming file, rule, field
-            self._rules_mtime = path.stat().st_mtime
-            if self.rule_store.get().yaml != text:
-                self.rule_store.put(text, f"file:{path}")
-        self.rule_store.subscribe(self._apply)
-        stored = self.rule_store.get()
+        """Start-up never stops on rules: a bad rules file is reported (counted, logged, an event) like a
+        bad reload, and an unreachable store leaves the file's rules in force here alone. The sidecar
+        serves what it has (the file's rules, the store's, or none) and takes the fix when it comes."""
+        if self.rules_file is not None:
+            self.rules_file.check()  # never raises
+        self.rule_store.subscribe(self._on_stored)
+        if self.rules_file is not None and self.rules_file.store_pending():
+            return  # the file's rules are in force and wait for the store
+        try:
+            stored = self.rule_store.get()
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read yet: its subscription catches up
+            log.error("rule store unreadable at start, serving without its rules: %s", describe(exc))
+            return
         if stored.yaml:
             self._apply(stored)
 
@@ -113,57 +121,43 @@ class Sidecar:
         self.events.emit("rules", version=version, author=author, action="put")
         return version
 
+    def _on_stored(self, stored: StoredRules) -> None:
+        """The store delivered a set. File rules the store has not taken yet win: they are stored now
+        (and come back as a new version) rather than replaced by what the store had."""
+        if self.rules_file is not None and self.rules_file.store_pending():
+            return
+        self._apply(stored)
+
     def _apply(self, stored: StoredRules) -> bool:
-        if stored.version == self.rules.version and stored.yaml == self.rules.yaml:
-            return True  # already in force (a store may announce the same version more than once)
-        try:
-            compiled = self.compile(stored.yaml, f"<store v{stored.version}>", stored.version)
-        except RulesInvalid as exc:
-            self.metrics.rule_reloads.labels("error").inc()
-            log.error("rules v%d rejected, keeping v%d:\n%s", stored.version, self.rules.version, exc)
-            self.events.emit("rules", version=stored.version, author=stored.author, action="rejected", error=str(exc))
-            return False
-        # on the pipeline thread, between two batches: the per-request state is resized there
-        self.worker.call(lambda: self.pipeline.swap_rules(compiled)).result()
-        self.metrics.rule_reloads.labels("ok").inc()
-        log.info("rules v%d in force: %d rules, %d policies", stored.version, len(compiled.rules), len(compiled.policies))
+        """Compile a stored set and put it in force; any failure keeps the rules in force."""
+        with self._rules_lock:
+            if stored.version == self.rules.version and stored.yaml == self.rules.yaml:
+                return True  # already in force (a store may announce the same version more than once)
+            try:
+                compiled = self.compile(stored.yaml, f"<store v{stored.version}>", stored.version)
+            except Exception as exc:  # noqa: BLE001 - RulesInvalid or anything else: counted, never raised
+                reason = describe(exc)
+                self.metrics.rule_reloads.labels("error").inc()
+                log.error("rules v%d rejected, keeping v%d: %s", stored.version, self.rules.version, reason)
+                self.events.emit("rules", version=stored.version, author=stored.author, action="rejected", error=reason)
+                return False
+            return self.install(compiled, f"v{stored.version} by {stored.author or '?'}")
+
+    def install(self, compiled: CompiledRules, what: str) -> bool:
+        """Put compiled rules in force on the pipeline thread, between two batches (the per-request
+        state is resized there), and send every plugin the new plan."""
+        with self._rules_lock:
+            try:
+                self.worker.call(lambda: self.pipeline.swap_rules(compiled)).result()
+            except Exception as exc:  # noqa: BLE001 - e.g. the pipeline stopped: the old rules stay
+                self.metrics.rule_reloads.labels("error").inc()
+                log.error("rules %s not put in force: %s", what, describe(exc))
+                return False
+            self.metrics.rule_reloads.labels("ok").inc()
+            log.info("rules in force: %s, %d rules, %d policies", what, len(compiled.rules), len(compiled.policies))
         if self._loop is not None:  # layers, policies or version changed: every plugin gets the new plan
             self._loop.call_soon_threadsafe(self._broadcast_plan)
         return True
-
-    def reload_rules_file(self) -> bool:
-        """Re-read the rules file; an invalid file is counted and the last good rules stay."""
-        path = self.config.rules_file
-        try:
-            text = path.read_text()
-            self.compile(text, str(path))
-        except (OSError, RulesInvalid) as exc:
-            self.metrics.rule_reloads.labels("error").inc()
-            log.error("rules file reload failed, keeping v%d:\n%s", self.rules.version, exc)
-            self.events.emit("rules", action="rejected", author=f"file:{path}", error=str(exc))
-            return False
-        if self.rule_store.get().yaml != text:
-            try:
-                self.publish_rules(text, f"file:{path}")
-            except Exception as exc:  # store away (Redis down): keep the rules in force, retry on next change
-                self.metrics.rule_reloads.labels("error").inc()
-                self.metrics.store_errors.labels(type(self.rule_store).__name__, "put").inc()
-                log.error("rules file valid but the rule store refused it, keeping v%d: %s", self.rules.version, exc)
-                self._rules_mtime = None  # try again on the next poll
-                return False
-        return True
-
-    async def _watch_rules_file(self) -> None:
-        path = self.config.rules_file
-        while True:
-            await asyncio.sleep(self.config.rules_poll_interval_s)
-            try:
-                mtime = path.stat().st_mtime
-            except OSError:
-                continue
-            if mtime != self._rules_mtime:
-                self._rules_mtime = mtime
-                await asyncio.to_thread(self.reload_rules_file)
 
     # ------------------------------------------------------------------ plugin streams
     def plan(self) -> pb.TapPlan:
@@ -317,8 +311,8 @@ class Sidecar:
             self.metrics_port = self._metrics_server.server_port
         self._tasks.append(asyncio.create_task(self._housekeeping()))
         self._tasks.append(asyncio.create_task(self._export_store_counters()))
-        if self.config.rules_file is not None:
-            self._tasks.append(asyncio.create_task(self._watch_rules_file()))
+        if self.rules_file is not None:
+            self._tasks.append(asyncio.create_task(self.rules_file.run()))
         log.info("featurewatch sidecar serving: socket=%s grpc_port=%s metrics_port=%s", self.config.socket,
                  getattr(self, "grpc_port", None), getattr(self, "metrics_port", None))
 
