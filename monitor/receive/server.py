@@ -13,6 +13,7 @@ import grpc
 from monitor.evaluate.rules import RulesInvalid
 from monitor.protocol import pb, pb_grpc
 from monitor.receive.ingest import CREDIT_EVERY, IngestService, PluginStream  # noqa: F401 - re-exported
+from monitor.stores.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +67,15 @@ class AdminService(pb_grpc.AdminServicer):
     async def TailAlerts(self, request, context):
         await self._authorize(context)
         store = self.sidecar.event_store
-        events = await asyncio.to_thread(store.tail, request.last)
+
+        async def tail(last: int) -> list[dict]:
+            try:
+                return await asyncio.to_thread(store.tail, last)
+            except StoreUnavailable as exc:  # Redis away: nothing to read now; new events wait in a buffer
+                await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                    f"event store unavailable, try again later (new events are buffered): {exc}")
+
+        events = await tail(request.last)
         last_id = None
         for event in events:
             last_id = event.get("id", last_id)
@@ -74,9 +83,9 @@ class AdminService(pb_grpc.AdminServicer):
         if not request.follow:
             return
         if last_id is None:
-            recent = await asyncio.to_thread(store.tail, 1)
+            recent = await tail(1)
             last_id = recent[-1]["id"] if recent else "0-0"
-        while not context.cancelled():
+        while not context.cancelled():  # follow() itself waits out a Redis outage
             for event in await asyncio.to_thread(store.follow, last_id, 500):
                 last_id = event.get("id", last_id)
                 yield event_message(event)

@@ -144,6 +144,7 @@ class RedisRuleStore:
         self.reseeds = 0
         self.callback_errors = 0
         self.connected = False
+        self._reported_down = False  # the first failure is logged even before any connection
 
     # ---- RuleStore -------------------------------------------------------------------------
 
@@ -259,7 +260,9 @@ class RedisRuleStore:
         """Read the stored set and adopt it as the last good one; None when there is nothing to
         adopt: Redis holds no rules, or only an older write-back than ours (both are written back)."""
         raw = self._r.hgetall(self.keys["rules"])
-        self.connected = True
+        if not self.connected:
+            log.info("redis rule store: connected to %s", safe_url(self.url))
+        self.connected, self._reported_down = True, False
         with self._lock:
             last = self._last_good
         stored = None
@@ -308,9 +311,9 @@ class RedisRuleStore:
 
     def _error(self, op: str, exc: BaseException) -> None:
         self.errors[op] += 1
-        if self.connected:
+        if not self._reported_down:
             log.warning("redis rule store: %s failed (%s); keeping the last good rules", op, exc)
-        self.connected = False
+        self.connected, self._reported_down = False, True
 
     def _run(self) -> None:
         backoff = Backoff(*self._backoff)
