@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -17,14 +16,13 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.numpy import save_file
 
 from monitor.config import SourceConfig
 from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import compile_rules
 from monitor.evaluate.rules import RulesInvalid, parse_rules, parse_rules_bytes
 from monitor.protocol import pb, pb_grpc
-from tests.support.dictionaries import PLANTED_FEATURE, planted_direction, planted_rules, write_probe_bank, write_saelens_jumprelu
+from tests.support.dictionaries import planted_direction, planted_rules, write_probe_bank, write_saelens_jumprelu
 from tests.support.sidecar import ADMIN_TOKEN, SidecarProcess, fixture_config
 
 D = 64
