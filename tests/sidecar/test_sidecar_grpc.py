@@ -167,15 +167,24 @@ def test_admin_requires_the_token_and_kill_switch_reaches_the_plugin(sidecar):
     with pytest.raises(grpc.RpcError) as exc:
         admin(sidecar.tcp_address).GetRules(pb.GetRulesRequest(), metadata=[("authorization", "Bearer wrong")])
     assert exc.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    client = PluginClient(sidecar.socket_address, D)
+    client = PluginClient(sidecar.socket_address, D, engine="killswitch")
+    stub = admin(sidecar.tcp_address)
     try:
         assert client.plan().steering_enabled
-        admin(sidecar.tcp_address).SetSteering(pb.KillSwitchRequest(steering_enabled=False, author="bob"), metadata=AUTH)
+        stub.SetSteering(pb.KillSwitchRequest(steering_enabled=False, author="bob"), metadata=AUTH)
         plan = client.wait_for(lambda m: m.HasField("plan") and not m.plan.steering_enabled).plan
         assert list(plan.policies) == []
         client.start_request("killed-0-00000000")
         client.send(PluginClient.batch(1, [1], rows(1, planted=[0]), ["killed-0-00000000"], [0], [0], [True]))
-        time.sleep(1.0)
+        # A fence, without timing: the stats are handled on the pipeline thread after the batch ...
+        client.send(pb.PluginMessage(stats=pb.PluginStats(enqueue_count=1)))
+        deadline = time.monotonic() + 10
+        while metric_value(sidecar.metrics(), "featurewatch_plugin_enqueued_batches_total", engine="killswitch") < 1:
+            assert time.monotonic() < deadline, "stats not handled"
+            time.sleep(0.05)
+        # ... and a plan sent now leaves after any directive that batch could have caused
+        stub.SetSteering(pb.KillSwitchRequest(steering_enabled=False, author="bob"), metadata=AUTH)
+        client.wait_for(lambda _: sum(r.HasField("plan") and not r.plan.steering_enabled for r in client.received) >= 2)
         assert client.directives() == []
         assert metric_value(sidecar.metrics(), "featurewatch_steering_enabled") == 0
     finally:
