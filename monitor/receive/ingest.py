@@ -25,6 +25,9 @@ from monitor.receive.wire import DecodeError, parse_plugin_message
 log = logging.getLogger(__name__)
 CREDIT_EVERY = 32
 MAX_HELLO_BYTES = 64 * 1024  # a Hello is kept for the stream's lifetime: names and a layer list, never more
+# RequestStart (ids, trace context, flat metadata) is kept per tracked request; RequestFinish and
+# PluginStats are a few fields. Larger ones are dropped and counted (`control_oversized`).
+MAX_CONTROL_BYTES = 16 * 1024
 
 
 class Outbox:
@@ -240,6 +243,10 @@ class IngestService:
                 if kind == "batch":
                     self._batch(msg.batch, stream, data)
                 elif kind in ("request_start", "request_finish", "stats"):
+                    if len(raw) > MAX_CONTROL_BYTES:
+                        sc.metrics.batches_dropped.labels("control_oversized").inc()
+                        log.debug("%s of %d bytes dropped on stream %d", kind, len(raw), stream.id)
+                        continue
                     sc.submit(stream, msg)
                 elif kind == "hello":
                     problem = width_mismatch(msg.hello, getattr(sc, "dictionaries", None))

@@ -319,6 +319,22 @@ def test_a_message_over_the_grpc_limit_is_counted(sidecar):
                "the clean end to be counted")
 
 
+def test_an_oversized_request_start_is_dropped_and_the_request_still_watched(sidecar):
+    """A RequestStart is kept as long as its request is tracked: one with megabytes of metadata is
+    dropped (counted); the request's batches are still evaluated."""
+    client = PluginClient(sidecar.socket_address, D)
+    try:
+        client.plan()
+        before = metric(sidecar, "featurewatch_batches_dropped_total", reason="control_oversized")
+        client.start_request("fat-start", metadata={f"k{i}": "v" * 1000 for i in range(100)})
+        client.send(PluginClient.batch(1, [1], rows(1, planted=[0]), ["fat-start"], [0], [0], [True]))
+        directive = client.wait_for(lambda m: m.HasField("directive"), timeout=30).directive
+        assert directive.request_id == "fat-start"
+        assert metric(sidecar, "featurewatch_batches_dropped_total", reason="control_oversized") - before == 1
+    finally:
+        client.close()
+
+
 # ---------------------------------------------------------------- item 11: steering table
 
 def _steered_sidecar(tmp_path, **limits) -> Sidecar:
