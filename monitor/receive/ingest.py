@@ -11,6 +11,7 @@ its engine label comes from a bounded set, and every way a stream ends is counte
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import logging
 from collections import deque
@@ -178,6 +179,13 @@ class IngestService:
     async def Stream(self, request_iterator, context):
         sc = self.sidecar
         ended = sc.metrics.plugin_streams_ended
+        token = sc.config.ingest_token
+        if token and not context.peer().startswith("unix:"):  # TCP: anyone who reaches the port could feed it
+            sent = dict(context.invocation_metadata() or ()).get("authorization", "")
+            if not hmac.compare_digest(sent.encode(), f"Bearer {token}".encode()):
+                ended.labels("unauthenticated").inc()
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                    f"Ingest over TCP needs 'authorization: Bearer ${sc.config.ingest_token_env}'")
         try:
             raw = await request_iterator.__anext__()
         except StopAsyncIteration:

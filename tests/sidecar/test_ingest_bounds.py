@@ -335,6 +335,29 @@ def test_an_oversized_request_start_is_dropped_and_the_request_still_watched(sid
         client.close()
 
 
+def test_tcp_ingest_needs_the_ingest_token_when_one_is_set(tmp_path):
+    proc = SidecarProcess(tmp_path, fixture_config(tmp_path, D), env={"FEATUREWATCH_INGEST_TOKEN": "ingest-secret"})
+    hello = pb.PluginMessage(hello=pb.Hello(model_name="m", d_model=D)).SerializeToString()
+
+    def first_reply(address: str, metadata=None):
+        with grpc.insecure_channel(address) as channel:
+            call = channel.stream_stream("/featurewatch.v1.Ingest/Stream", request_serializer=lambda b: b,
+                                         response_deserializer=pb.SidecarMessage.FromString)(iter([hello]), metadata=metadata)
+            try:
+                return next(iter(call))
+            except grpc.RpcError as exc:
+                return exc
+            finally:
+                call.cancel()
+    with proc:
+        for metadata in (None, [("authorization", "Bearer wrong")]):
+            refused = first_reply(proc.tcp_address, metadata)
+            assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert metric_value(proc.metrics(), "featurewatch_plugin_streams_ended_total", reason="unauthenticated") == 2
+        assert first_reply(proc.tcp_address, [("authorization", "Bearer ingest-secret")]).HasField("plan")
+        assert first_reply(proc.socket_address).HasField("plan")  # the Unix socket: its file mode is the check
+
+
 # ---------------------------------------------------------------- item 11: steering table
 
 def _steered_sidecar(tmp_path, **limits) -> Sidecar:
