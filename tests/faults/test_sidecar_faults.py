@@ -1,0 +1,160 @@
+"""The permanent fault suite, sidecar side: the real sidecar process is killed (SIGKILL), hung
+(SIGSTOP, then SIGCONT) and restarted (SIGTERM, start again) under greedy traffic to the real vLLM
+OpenAI server with the plugin. Every request must succeed with exactly the tokens of the model
+with no plugin (HF transformers, greedy), and telemetry must flow again afterwards.
+
+Deterministic by construction: a fixed list of requests per fault, in three parts: *before*
+(in flight when the fault lands), *during* (submitted once the fault is in force, all served
+while it lasts) and *after* (once the plugin is connected again). The fault lands when the
+sidecar has received ``N_RECEIVED`` batches of the *before* part: events, never the clock.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.faults.support import (
+    ALERT_RULES,
+    WAIT_S,
+    FaultySidecar,
+    Traffic,
+    VllmServer,
+    reference,
+    wait_until,
+    workload,
+)
+from tests.plugin.tiny_model import build_tiny_llama
+from tests.support.sidecar import fixture_config
+
+pytestmark = pytest.mark.vllm
+
+N_RECEIVED = 8
+PARTS = (6, 6, 4)  # before, during, after
+FAULTS = ("kill", "hang", "restart")
+
+
+class Stack:
+    def __init__(self, root) -> None:
+        self.root = root
+        self.model = str(build_tiny_llama(root / "model"))
+        (root / "sidecar").mkdir()
+        rules = root / "rules.yaml"
+        rules.write_text(ALERT_RULES)
+        config = fixture_config(root / "sidecar", d_model=64, rules_file=str(rules))
+        self.sidecar = FaultySidecar(root / "sidecar", config)
+        self.server: VllmServer | None = None
+        self.requests = {f: workload(sum(PARTS), seed=i) for i, f in enumerate(FAULTS)}
+        self.reference: dict[str, list[int]] = {}
+
+    def start(self) -> None:
+        self.sidecar.start()
+        self.server = VllmServer(self.model, self.root / "vllm", self.sidecar.socket_address)
+        # computed while vLLM starts
+        self.reference = reference(self.model, [r for rs in self.requests.values() for r in rs])
+        self.server.wait_ready()
+        self.healthy()
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+        if self.sidecar.proc is not None and self.sidecar.proc.poll() is None:
+            self.sidecar.resume()
+            self.sidecar.stop()
+
+    def parts(self, fault: str):
+        rs = self.requests[fault]
+        a, b = PARTS[0], PARTS[0] + PARTS[1]
+        return rs[:a], rs[a:b], rs[b:]
+
+    def healthy(self) -> None:
+        """The sidecar serves, the plugin is connected to it (start of every test)."""
+        if self.sidecar.proc is None or self.sidecar.proc.poll() is not None:
+            self.sidecar.start()
+        wait_until(self.sidecar.healthy, "the sidecar to serve")
+        wait_until(self.server.connected, "the plugin to connect")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    s = Stack(tmp_path_factory.mktemp("faults"))
+    try:
+        s.start()
+        yield s
+    finally:
+        s.close()
+
+
+def _land_fault_after_received(stack: Stack, traffic: Traffic, before) -> float:
+    """Submit the *before* part; return once the sidecar has received N_RECEIVED of its batches
+    (the count it had then)."""
+    b0 = stack.sidecar.batches()
+    traffic.submit(before)
+    wait_until(lambda: stack.sidecar.batches() >= b0 + N_RECEIVED,
+               f"the sidecar to receive {N_RECEIVED} batches")
+    return stack.sidecar.batches()
+
+
+def _check(stack: Stack, traffic: Traffic, fault: str, counters_before: dict) -> dict:
+    outputs, failures = traffic.results()
+    traffic.close()
+    assert failures == {}, failures
+    want = {r.name: stack.reference[r.name] for r in stack.requests[fault]}
+    changed = sorted(n for n in want if outputs[n] != want[n])
+    assert not changed, f"{len(changed)} of {len(want)} outputs differ from no plugin: {changed}"
+    # telemetry flows again: the (new or resumed) sidecar receives batches of the *after* part
+    wait_until(lambda: stack.sidecar.batches() > 0, "batches to reach the sidecar again")
+    # the plugin saw every request finish (the engine core flushes finished ids with one step)
+    done = counters_before["requests_finished"] + len(want)
+    return wait_until(lambda: (c := stack.server.counters())["requests_finished"] >= done and c,
+                      "the plugin to see every request finish")
+
+
+def test_sidecar_killed_under_traffic(stack):
+    stack.healthy()
+    before, during, after = stack.parts("kill")
+    c0 = stack.server.counters()
+    traffic = Traffic(stack.server.base)
+    _land_fault_after_received(stack, traffic, before)
+    stack.sidecar.kill()
+    wait_until(lambda: not stack.server.connected(), "the plugin to see the sidecar gone")
+    for f in traffic.submit(during):  # all served with the sidecar dead
+        f.result(timeout=WAIT_S)
+    stack.sidecar.start()
+    wait_until(stack.server.connected, "the plugin to reconnect")
+    traffic.submit(after)
+    c1 = _check(stack, traffic, "kill", c0)
+    assert c1["reconnects"] > c0["reconnects"]
+
+
+def test_sidecar_hung_under_traffic(stack):
+    stack.healthy()
+    before, during, after = stack.parts("hang")
+    c0 = stack.server.counters()
+    traffic = Traffic(stack.server.base)
+    received = _land_fault_after_received(stack, traffic, before)
+    stack.sidecar.pause()  # SIGSTOP: the socket stays open, nothing is read or answered
+    try:
+        served = [f.result(timeout=WAIT_S) for f in traffic.submit(during)]
+    finally:
+        stack.sidecar.resume()  # bounded: as soon as the part is served (or the wait failed)
+    assert len(served) == len(during)
+    wait_until(stack.sidecar.healthy, "the sidecar to serve after SIGCONT")
+    wait_until(stack.server.connected, "the plugin to be connected after SIGCONT")
+    traffic.submit(after)
+    _check(stack, traffic, "hang", c0)
+    wait_until(lambda: stack.sidecar.batches() > received, "batches after the hang")
+
+
+def test_sidecar_restarted_under_traffic(stack):
+    stack.healthy()
+    before, during, after = stack.parts("restart")
+    c0 = stack.server.counters()
+    traffic = Traffic(stack.server.base)
+    _land_fault_after_received(stack, traffic, before)
+    assert stack.sidecar.terminate() == 0  # SIGTERM: drains and exits cleanly
+    stack.sidecar.start()
+    traffic.submit(during)  # while the plugin finds the new process
+    wait_until(stack.server.connected, "the plugin to reconnect to the new sidecar")
+    traffic.submit(after)
+    c1 = _check(stack, traffic, "restart", c0)
+    assert c1["reconnects"] > c0["reconnects"]
