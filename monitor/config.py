@@ -6,8 +6,9 @@ import os
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from monitor.evaluate.loader import MAX_BYTES, decode_utf8, load_yaml, read_regular_file, shorten
 
 
 class _Strict(BaseModel):
@@ -78,9 +79,6 @@ class SidecarConfig(_Strict):
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = Field(default=9400, ge=0, le=65535)
     admin_token_env: str = "FEATUREWATCH_ADMIN_TOKEN"
-    # When this variable is set, Ingest streams over TCP must carry `authorization: Bearer <it>`
-    # (the Unix socket is authenticated by its file mode).
-    ingest_token_env: str = "FEATUREWATCH_INGEST_TOKEN"
     sources: list[SourceConfig] = Field(default_factory=list)
     tap_layers: list[int] | None = None  # default: the layers the sources need
     token_scope: Literal["all", "prompt", "generated"] = "all"
@@ -109,10 +107,6 @@ class SidecarConfig(_Strict):
     def admin_token(self) -> str | None:
         return os.environ.get(self.admin_token_env) or None
 
-    @property
-    def ingest_token(self) -> str | None:
-        return os.environ.get(self.ingest_token_env) or None
-
     def layers(self) -> list[int]:
         return sorted(set(self.tap_layers or [s.layer for s in self.sources]))
 
@@ -132,9 +126,9 @@ def load_config(path: str | Path) -> SidecarConfig:
     """Read a YAML config; relative source/rules paths resolve against the file's directory."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc}") from exc
+        raw = load_yaml(decode_utf8(read_regular_file(path, MAX_BYTES))) or {}
+    except (OSError, ValueError) as exc:  # YamlRefused is a ValueError: short, bounded, names where
+        raise ConfigError(f"{path}: cannot read config: {exc}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(raw).__name__}")
     base = path.parent
@@ -156,5 +150,5 @@ def format_validation_error(path: str | Path, exc: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {field}: {err['msg']} (got {err.get('input')!r})")
+        lines.append(f"  {field}: {err['msg']} (got {shorten(err.get('input'))})")
     return "\n".join(lines)
