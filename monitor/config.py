@@ -79,6 +79,9 @@ class SidecarConfig(_Strict):
     metrics_host: str = "0.0.0.0"
     metrics_port: int | None = Field(default=9400, ge=0, le=65535)
     admin_token_env: str = "FEATUREWATCH_ADMIN_TOKEN"
+    # When this variable is set, Ingest streams over TCP must carry `authorization: Bearer <it>`
+    # (the Unix socket is authenticated by its file mode).
+    ingest_token_env: str = "FEATUREWATCH_INGEST_TOKEN"
     sources: list[SourceConfig] = Field(default_factory=list)
     tap_layers: list[int] | None = None  # default: the layers the sources need
     token_scope: Literal["all", "prompt", "generated"] = "all"
@@ -106,6 +109,10 @@ class SidecarConfig(_Strict):
     @property
     def admin_token(self) -> str | None:
         return os.environ.get(self.admin_token_env) or None
+
+    @property
+    def ingest_token(self) -> str | None:
+        return os.environ.get(self.ingest_token_env) or None
 
     def layers(self) -> list[int]:
         return sorted(set(self.tap_layers or [s.layer for s in self.sources]))
