@@ -338,7 +338,7 @@ class Runtime:
         if info is None:
             return
         self.counters.requests_finished += 1
-        # reason and length come from the engine core's scheduler (patches._wrap_schedule)
+        # reason and length come from the engine core's scheduler (engine_core._wrap_schedule)
         reason, n_out = finished or ("", 0)
         if self.client is not None:
             self.client.offer(pb.PluginMessage(request_finish=pb.RequestFinish(
