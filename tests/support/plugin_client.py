@@ -33,9 +33,9 @@ class PluginClient:
         stream = self.channel.stream_stream("/featurewatch.v1.Ingest/Stream", request_serializer=serialize_message,
                                             response_deserializer=pb.SidecarMessage.FromString)
         self._call = stream(self._requests())
+        self.error: Exception | None = None  # before the reader starts: a stream refused at once sets it
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        self.error: Exception | None = None
 
     def _requests(self):
         while True:
