@@ -296,6 +296,8 @@ def test_engine_label_values_are_bounded_and_reclaimed(sidecar):
 
 
 def test_a_message_over_the_grpc_limit_is_counted(sidecar):
+    # earlier tests' streams end (cancelled: `aborted`) asynchronously: count from when all are gone
+    wait_until(lambda: metric(sidecar, "featurewatch_plugin_connected") == 0, "earlier streams to detach")
     before = metric(sidecar, "featurewatch_plugin_streams_ended_total", reason="aborted")
     client = PluginClient(sidecar.socket_address, D)
     try:
@@ -308,6 +310,7 @@ def test_a_message_over_the_grpc_limit_is_counted(sidecar):
     wait_until(lambda: metric(sidecar, "featurewatch_plugin_streams_ended_total", reason="aborted") == before + 1,
                "the broken stream to be counted")
     # a plugin that half-closes its stream ends it cleanly: counted apart
+    wait_until(lambda: metric(sidecar, "featurewatch_plugin_connected") == 0, "the broken stream to detach")
     clean = metric(sidecar, "featurewatch_plugin_streams_ended_total", reason="plugin_closed")
     client = PluginClient(sidecar.socket_address, D)
     client.plan()
