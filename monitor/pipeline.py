@@ -67,6 +67,7 @@ class Pipeline:
         rules = self.rules
         parts = batch.parts if isinstance(batch, BatchGroup) else [batch]
         verdicts: list[Verdict] = []
+        matched = np.zeros(len(rules.rules), dtype=np.int64)  # per rule: in-scope tokens its window matched
         for i, layer in enumerate(batch.layers):
             lb = LayerBatch(layer, batch.request_ids, batch.token_request, batch.positions, batch.generated)
             if len(parts) == 1:
@@ -86,7 +87,9 @@ class Pipeline:
             keep = self._drop_nonfinite(xs, finite, signals, keep)
             self._count_tokens(layer, keep, batch.generated)
             self._export_signals(rules, layer, signals, keep)
-            verdicts.extend(self.requests.evaluate(rules, lb, signals, keep))
+            verdicts.extend(self.requests.evaluate(rules, lb, signals, keep, matched))
+        for index in np.nonzero(matched)[0].tolist():
+            self.metrics.rule_matched.labels(self.model_name, rules.rules[index].name).inc(int(matched[index]))
         now = time.time()
         for part in parts:
             if part.captured_unix_s:
@@ -136,10 +139,6 @@ class Pipeline:
                     self.metrics.feature_active.labels(self.model_name, key.source, str(key.feature)).inc(int(active[j]))
             else:
                 self.metrics.probe_score.observe_many((self.model_name, key.probe), kept[:, j])
-        for rule in rules.rules_on(layer):
-            matched = int((kept[:, rule.column] > rule.above).sum())
-            if matched:
-                self.metrics.rule_matched.labels(self.model_name, rule.name).inc(matched)
 
     def _act(self, verdict: Verdict, batch: DecodedBatch | BatchGroup, stream, send: Callable) -> None:
         rule, request = verdict.rule, verdict.request

@@ -159,8 +159,13 @@ class RequestTable:
         self.deduplicated_tokens += int((~keep).sum())
         return keep
 
-    def evaluate(self, rules: CompiledRules, batch: LayerBatch, signals: np.ndarray, keep: np.ndarray) -> list[Verdict]:
-        """Update windows for every rule on this layer and return the rules that fired now."""
+    def evaluate(self, rules: CompiledRules, batch: LayerBatch, signals: np.ndarray, keep: np.ndarray,
+                 matched: np.ndarray | None = None) -> list[Verdict]:
+        """Update windows for every rule on this layer and return the rules that fired now.
+
+        ``matched[rule.index]`` (when given) grows by the rule's matched tokens in this batch: the
+        in-scope tokens on which its window's condition held (the value above the threshold; for an
+        EMA window, the running average above it), so a per-rule metric means what the rule means."""
         verdicts: list[Verdict] = []
         scope_masks = {0: keep, 1: keep & ~batch.generated, 2: keep & batch.generated}
         for rule in rules.rules_on(batch.layer):
@@ -169,11 +174,13 @@ class RequestTable:
                 continue
             values = signals[:, rule.column]
             if rule.window == "ema":
-                verdicts.extend(self._ema(rules.version, rule, batch, values, in_scope))
+                verdicts.extend(self._ema(rules.version, rule, batch, values, in_scope, matched))
                 continue
             hits = np.nonzero(in_scope & (values > rule.above))[0]
             if hits.size == 0:
                 continue
+            if matched is not None:
+                matched[rule.index] += hits.size
             states = self._states_of(batch)
             for req in np.unique(batch.token_request[hits]):
                 state = states[req]
@@ -186,7 +193,8 @@ class RequestTable:
                     verdicts.append(Verdict(rule, state.info, int(batch.positions[at]), float(values[at]), rules.version))
         return verdicts
 
-    def _ema(self, version: int, rule: CompiledRule, batch: LayerBatch, values: np.ndarray, in_scope: np.ndarray) -> list[Verdict]:
+    def _ema(self, version: int, rule: CompiledRule, batch: LayerBatch, values: np.ndarray, in_scope: np.ndarray,
+             matched: np.ndarray | None = None) -> list[Verdict]:
         """EMA windows for every request of the batch at once (decode steps carry one token per
         request, so a per-request Python loop would cost a loop per token)."""
         idx = np.nonzero(in_scope)[0]
@@ -201,6 +209,8 @@ class RequestTable:
         for st, last in zip(states, trace[ends].tolist()):
             st.ema[i] = last
         above = trace > rule.above
+        if matched is not None:
+            matched[rule.index] += int(above.sum())
         verdicts = []
         for k in np.nonzero(np.logical_or.reduceat(above, starts))[0]:  # requests with a value above: few
             st = states[k]

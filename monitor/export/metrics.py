@@ -109,7 +109,7 @@ class SidecarMetrics:
         self.feature_active = Counter(p + "feature_active_tokens", "Tokens on which a rule-referenced SAE feature was active (> 0).", ["model_name", "source", "feature"], registry=r)
         self.probe_score = BatchHistogram(p + "probe_score", "Per-token calibrated probe probability.", ("model_name", "probe"), SCORE_BUCKETS)
         r.register(self.probe_score)
-        self.rule_matched = Counter(p + "rule_matched_tokens", "In-scope tokens above a rule's threshold.", ["model_name", "rule"], registry=r)
+        self.rule_matched = Counter(p + "rule_matched_tokens", "Tokens in a rule's scope on which its window's condition held (the value above the threshold; for an EMA window, the average).", ["model_name", "rule"], registry=r)
         self.alerts = Counter(p + "alerts", "Rules fired (once per request), with trace-id exemplars.", ["model_name", "rule", "severity"], registry=r)
         self.rule_info = Gauge(p + "rule_info", "Loaded rules and their routing labels (always 1).", ["rule", "severity", "owner", "signal"], registry=r)
         self.rules_version = Gauge(p + "rules_version", "Version of the rule set in force.", registry=r)
