@@ -289,7 +289,9 @@ class SidecarClient:
                 response_deserializer=pb.SidecarMessage.FromString,
             )
             done = threading.Event()
-            responses = stream(self._requests(done))
+            token = self.cfg.ingest_token
+            responses = stream(self._requests(done),
+                               metadata=[("authorization", f"Bearer {token}")] if token else None)
             try:
                 for msg in responses:
                     self._on_message(msg)

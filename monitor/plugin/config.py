@@ -57,6 +57,9 @@ class PluginConfig:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     runtime_dir: str = field(default_factory=tempfile.gettempdir)
+    # sent as ``authorization: Bearer`` on the Ingest stream (the sidecar requires it on TCP when
+    # it has one); never shown in the status
+    ingest_token: str | None = field(default=None, repr=False)
 
     @property
     def enabled(self) -> bool:
@@ -82,10 +85,14 @@ class PluginConfig:
             backoff_initial_s=_env_float("FEATUREWATCH_BACKOFF_INITIAL_S", 0.2),
             backoff_max_s=_env_float("FEATUREWATCH_BACKOFF_MAX_S", 10.0),
             runtime_dir=os.environ.get("FEATUREWATCH_RUNTIME_DIR") or tempfile.gettempdir(),
+            ingest_token=os.environ.get("FEATUREWATCH_INGEST_TOKEN") or None,
         )
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        """Everything but secrets (for the status)."""
+        out = asdict(self)
+        out["ingest_token"] = "set" if self.ingest_token else None
+        return out
 
     def resolve_layers(self, num_layers: int, bytes_per_layer: int) -> list[int]:
         """The fixed hooked set. ``auto``: every layer if the tap buffer fits the budget, else an
