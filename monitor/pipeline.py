@@ -77,6 +77,7 @@ class Pipeline:
                                                                        p.generated)) for p in parts])
             if layer not in rules.encode.layers:
                 self._count_tokens(layer, keep, batch.generated)
+                self._measure_norms(layer, i, parts, batch, keep)
                 continue
             xs = [part.activations[i].float() for part in parts]
             finite = [finite_rows(x) for x in xs]  # first: the encode then reads x from cache
@@ -86,6 +87,7 @@ class Pipeline:
             self.metrics.encode_seconds.labels(str(layer)).observe(time.perf_counter() - started)
             keep = self._drop_nonfinite(xs, finite, signals, keep)
             self._count_tokens(layer, keep, batch.generated)
+            self._measure_norms(layer, i, parts, batch, keep)
             self._export_signals(rules, layer, signals, keep)
             verdicts.extend(self.requests.evaluate(rules, lb, signals, keep, matched))
         for index in np.nonzero(matched)[0].tolist():
@@ -116,6 +118,26 @@ class Pipeline:
                 self.metrics.tokens_dropped.labels("nonfinite").inc(dropped)
             keep = keep & mask
         return keep
+
+    def _measure_norms(self, layer: int, i: int, parts: list, batch, keep: np.ndarray) -> None:
+        """The layer's residual norm (featurewatch_residual_norm, the unit of `scale_unit:
+        residual_norm`) from a sample of the kept rows of requests that no steering touches."""
+        steered = self.steering.steered
+
+        def touched(rid: str) -> bool:
+            state = self.requests.get(rid)
+            return rid in steered or bool(state is not None and state.info.steering_policy)
+
+        skip = np.array([touched(rid) for rid in batch.request_ids], dtype=bool)
+        rows = keep & ~skip[batch.token_request] if skip.any() else keep
+        candidates, offset = [], 0
+        for part in parts:
+            n = len(part.positions)
+            candidates.append((part.activations[i], np.nonzero(rows[offset:offset + n])[0]))
+            offset += n
+        median = self.steering.norms.observe(layer, candidates)
+        if median is not None:
+            self.metrics.residual_norm.labels(self.model_name, str(layer)).set(median)
 
     def _count_tokens(self, layer: int, keep: np.ndarray, generated: np.ndarray) -> None:
         n_gen = int((keep & generated).sum())

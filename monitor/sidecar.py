@@ -61,7 +61,10 @@ class Sidecar:
         self.metrics = SidecarMetrics(config.model_name, max_engine_labels=config.limits.max_engine_labels)
         self.events = EventSink(self.event_store, self.metrics)
         self.tracing = Tracing(config.tracing, config.model_name)
-        self.steering = SteeringController(config.steering.enabled, config.steering.failure_mode)
+        self.steering = SteeringController(config.steering.enabled, config.steering.failure_mode,
+                                           on_withheld=lambda reason: self.metrics.steering_withheld.labels(reason).inc())
+        self._replan_pending = False  # a plan with newly measured residual norms is on its way
+        self._logged_waiting: tuple = ()
         self.metrics.set_steering(self.steering.enabled, self.steering.failure_mode)
         self.requests = RequestTable(config.limits.max_tracked_requests, config.limits.request_idle_timeout_s)
         self.pipeline = Pipeline(compile_rules("", self.dictionaries), self.requests, self.metrics, self.events,
@@ -162,10 +165,16 @@ class Sidecar:
     # ------------------------------------------------------------------ plugin streams
     def plan(self) -> pb.TapPlan:
         layers = sorted(set(self.config.layers()) | set(self.rules.layers))
+        policies, waiting = self.steering.norms.resolve_policies(self.rules.policies)
+        if tuple(waiting) != self._logged_waiting:
+            self._logged_waiting = tuple(waiting)
+            if waiting:
+                log.warning("policies %s wait for the residual norm of their layers (scale_unit: residual_norm; "
+                            "measured from the first requests): their relative adds are left out until then", waiting)
         return pb.TapPlan(
             layers=layers, scope=SCOPES[self.config.token_scope], steering_enabled=self.steering.enabled,
             steering_failure_mode=self.steering.failure_mode,
-            policies=list(self.rules.policies) if self.steering.enabled else [],
+            policies=policies if self.steering.enabled else [],
             rules_version=self.rules.version, max_batch_bytes=self.config.limits.max_batch_bytes,
         )
 
@@ -191,6 +200,15 @@ class Sidecar:
     def _broadcast_plan(self) -> None:
         for stream in list(self.streams):
             self.attach(stream)
+
+    def _replan(self) -> None:
+        """A residual norm that policies use became known or moved: every plugin gets the policies
+        resolved with it."""
+        self._replan_pending = False
+        if self.streams:
+            self._broadcast_plan()
+        else:
+            self.plan()
 
     def set_steering(self, enabled: bool, author: str) -> None:
         self.steering.enabled = enabled
@@ -246,6 +264,9 @@ class Sidecar:
     def _handle(self, stream: PluginStream, item) -> None:
         if not isinstance(item, pb.PluginMessage):
             self.pipeline.process(item, stream, self.send)
+            if not self._replan_pending and self._loop is not None and self.steering.norms.needs_replan():
+                self._replan_pending = True
+                self._loop.call_soon_threadsafe(self._replan)
             return
         kind = item.WhichOneof("kind")
         if kind == "request_start":

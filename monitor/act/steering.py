@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from monitor.evaluate.loader import clip, read_regular_file
+from monitor.act.units import RelativeAdd, ResidualNorms
 from monitor.evaluate.rules import MAX_STEER, SteerSpec
 from monitor.protocol import pb
 
@@ -105,8 +106,9 @@ def load_direction(path: str | Path, directions: Sequence[Path] = (), d_model: i
     return direction
 
 
-def build_steering_action(spec: SteerSpec, dictionaries, directions: Sequence[Path] = ()) -> pb.SteeringAction:
-    """Resolve a steer spec against the loaded SAEs into a self-contained protobuf action.
+def build_steering_action(spec: SteerSpec, dictionaries, directions: Sequence[Path] = ()) -> pb.SteeringAction | RelativeAdd:
+    """Resolve a steer spec against the loaded SAEs into a self-contained protobuf action (a
+    RelativeAdd for `scale_unit: residual_norm`, resolved when it is sent).
 
     Every number is checked here again, whatever the schema let through: a directive never carries a
     value that is not finite in float32, nor a clamp value or added element beyond ±MAX_STEER.
@@ -130,16 +132,27 @@ def build_steering_action(spec: SteerSpec, dictionaries, directions: Sequence[Pa
     a = spec.add
     scale = finite_f32(a.scale, "add.scale")
     if a.direction_file is not None:
-        direction = load_direction(a.direction_file, directions, dictionaries.d_model())
+        direction = unit(load_direction(a.direction_file, directions, dictionaries.d_model()), a.direction_file)
         layer = a.layer
-    else:
-        direction = np.asarray(dictionaries.saes[a.source].clamp_params(a.feature).decoder, dtype=np.float32)
+    else:  # the decoder row only: any architecture, TopK included (no encoder column needed)
+        direction = dictionaries.saes[a.source].direction(a.feature).numpy()
         layer = a.layer if a.layer is not None else dictionaries.layer_of(a.source)
     tensor = tensor_f32(direction, "add.direction")
+    if a.scale_unit == "residual_norm":
+        return RelativeAdd(layer, tensor, scale)  # bounded when resolved against the measured norm
     peak = float(np.abs(np.frombuffer(tensor.data, np.float32)).max(initial=0.0)) * abs(scale)
     if not peak <= MAX_STEER:
         raise DirectionRefused(f"scale × direction reaches {peak:g} in one element, limit {MAX_STEER:g}", field="scale")
     return pb.SteeringAction(layer=layer, add=pb.AddDirection(direction=tensor, scale=scale))
+
+
+def unit(direction: np.ndarray, what: str) -> np.ndarray:
+    """``direction`` scaled to unit L2 norm: `add.scale` is then the norm of what is added."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        norm = float(np.linalg.norm(direction.astype(np.float64)))
+    if not (norm > 0 and np.isfinite(norm)):
+        raise DirectionRefused(f"{what}: the direction has norm {norm:g}; it must be non-zero")
+    return (direction.astype(np.float64) / norm).astype(np.float32)
 
 
 def action_is_finite(action: pb.SteeringAction) -> bool:
@@ -166,16 +179,36 @@ def action_is_finite(action: pb.SteeringAction) -> bool:
 class SteeringController:
     """Decides which fired rules become directives; the kill switch and failure mode live here."""
 
-    def __init__(self, enabled: bool, failure_mode: str) -> None:
+    def __init__(self, enabled: bool, failure_mode: str, norms: ResidualNorms | None = None, on_withheld=None) -> None:
         self.enabled = enabled
         self.failure_mode = failure_mode
+        self.norms = norms or ResidualNorms()
+        self.on_withheld = on_withheld  # called with a reason for each action not sent
         self._ids = itertools.count(1)
         self.steered: dict[str, float] = {}  # request id -> first steered time
         self.dropped_nonfinite = 0  # actions withheld because a value was not finite or out of bounds
 
+    def resolve(self, actions) -> list[pb.SteeringAction]:
+        """Relative adds against the layers' measured residual norms; those that cannot be are withheld."""
+        out = []
+        for a in actions:
+            if isinstance(a, RelativeAdd):
+                norm = self.norms.median(a.layer)
+                a = a.resolve(norm)
+                if a is None:
+                    self._withheld("residual_norm_unknown" if norm is None else "out_of_bounds")
+                    continue
+            out.append(a)
+        return out
+
+    def _withheld(self, reason: str) -> None:
+        if self.on_withheld is not None:
+            self.on_withheld(reason)
+
     def directive(self, request_id: str, rule: str, position: int, actions) -> pb.SteeringDirective | None:
         if not self.enabled or not actions:
             return None
+        actions = self.resolve(actions)
         checked = [a for a in actions if action_is_finite(a)]
         self.dropped_nonfinite += len(actions) - len(checked)
         if not checked:

@@ -375,6 +375,19 @@ class SAE:
         i = int(_feature_index(feature, self.d_sae)[0])
         return self._clamp_params(i)
 
+    @torch.no_grad()
+    def direction(self, feature: int) -> torch.Tensor:
+        """The unit-norm direction feature ``feature`` writes into input (residual) space: its
+        effective decoder row, normalised, float32 on CPU. Every architecture has one (TopK too:
+        adding a direction needs no encoder); scalar input normalisation is folded into the row,
+        and a per-token one (layer_norm) only rescales it per token, which leaves the direction."""
+        i = _feature_index(feature, self.d_sae)
+        row = self._decoder_rows(i.to(self.device))[0].float().cpu()
+        norm = float(torch.linalg.vector_norm(row))
+        if not (norm > 0 and norm < float("inf")):
+            raise ValueError(f"feature {int(i[0])}: its decoder row has norm {norm:g}, no direction to add")
+        return row / norm
+
     def _fold_b_dec(self, column: torch.Tensor, bias: torch.Tensor) -> float:
         """bias − b_dec·column in float64, so pre = x·column + result needs no b_dec."""
         b = bias.double().cpu()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 from monitor.act.steering import DirectionRefused, build_steering_action
+from monitor.act.units import PolicyTemplate
 from monitor.encode.stage import Dictionaries, EncodeStage, SignalKey
 from monitor.evaluate.rules import (
     CountWindow,
@@ -43,7 +44,7 @@ class CompiledRule:
     count_n: int
     ema_alpha: float
     alert: bool
-    steering: tuple  # pb.SteeringAction, ready to send
+    steering: tuple  # pb.SteeringAction ready to send, or RelativeAdd (resolved when sent)
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class CompiledRules:
     version: int
     yaml: str
     rules: tuple[CompiledRule, ...]
-    policies: tuple  # pb.SteeringPolicy
+    policies: tuple  # PolicyTemplate: resolved into pb.SteeringPolicy for each plan (ResidualNorms)
     encode: EncodeStage
     feature_keys: tuple[SignalKey, ...]  # SAE features referenced by rules: the bounded label set
 
@@ -92,8 +93,7 @@ def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file:
                       for p in spec.policies]
     if errors:
         raise RulesInvalid(errors)
-    policies = [pb.SteeringPolicy(name=p.name, selector=p.selector, actions=actions)
-                for p, actions in zip(spec.policies, policy_actions)]
+    policies = [PolicyTemplate(p.name, dict(p.selector), tuple(actions)) for p, actions in zip(spec.policies, policy_actions)]
 
     encode = EncodeStage(dictionaries, keys)
     compiled = []

@@ -91,9 +91,12 @@ class ClampSpec(_Strict):
 
 
 class AddSpec(_Strict):
-    """Add `scale` × a direction: an SAE feature's decoder row, or a vector from a file."""
+    """Add `scale` × a unit-norm direction (an SAE feature's decoder row, or a vector from a file,
+    normalised), × the layer's median residual norm measured from live traffic when
+    `scale_unit: residual_norm` (so `scale: -0.1` there removes a tenth of a typical residual)."""
 
     scale: SteerValue
+    scale_unit: Literal["absolute", "residual_norm"] = "absolute"
     source: Name | None = None
     feature: Index | None = None
     # .npy or .safetensors ("direction" tensor), [d_model]; relative to the first direction directory

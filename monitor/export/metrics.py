@@ -147,6 +147,20 @@ class SidecarMetrics:
         self.outbox_dropped = Counter(p + "outbox_dropped", "Replies to a plugin dropped because its outbox was full (a plugin "
                                       "that does not read), by kind.", ["kind"], registry=r)
         self.engines = LabelBudget(max_engine_labels, self._remove_engine)
+        # issue 16: steering units, where the rules in force came from, a plugin serving another model name
+        self.residual_norm = Gauge(p + "residual_norm", "Median L2 norm of the residual stream at a layer, measured from live "
+                                   "traffic no steering touched: the unit of add.scale_unit residual_norm.",
+                                   ["model_name", "layer"], registry=r)
+        self.steering_withheld = Counter(p + "steering_withheld_actions", "Steering actions not sent, by reason "
+                                         "(residual_norm_unknown: too little traffic measured on the layer yet; "
+                                         "out_of_bounds: the resolved scale is beyond the steering bound).",
+                                         ["reason"], registry=r)
+        self.rules_source = Gauge(p + "rules_source", "Where the rules in force came from (always 1): source file (the "
+                                  "rules_file, origin its path), admin (rules apply, origin the author) or none; store "
+                                  "memory or redis.", ["source", "origin", "store"], registry=r)
+        self.plugin_model_mismatch = Gauge(p + "plugin_model_name_mismatch", "Connected plugin streams whose vLLM served "
+                                           "model name differs from this sidecar's model_name (their metrics do not "
+                                           "join on model_name).", registry=r)
 
     ENGINE_METRICS = ("batches_received", "plugin_connected", "plugin_dropped", "plugin_enqueue_sum", "plugin_enqueue_count",
                       "plugin_reconnects", "plugin_cached_tokens", "plugin_queue_depth")

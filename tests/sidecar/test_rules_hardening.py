@@ -285,7 +285,7 @@ def test_direction_files_load_from_the_configured_directories(dictionaries, dirs
     for name, seed in (("u.npy", 0), (str(allowed / "v.safetensors"), 1)):  # relative: against the first dir
         compiled = compile_rules(add_rule(name), dictionaries, direction_dirs=[allowed])
         add = compiled.rules[0].steering[0].add
-        np.testing.assert_allclose(np.frombuffer(add.direction.data, np.float32), planted_direction(D, seed=seed))
+        np.testing.assert_allclose(np.frombuffer(add.direction.data, np.float32), planted_direction(D, seed=seed), rtol=1e-6)
 
 
 def test_direction_files_outside_the_directories_are_refused(dictionaries, dirs):
@@ -354,11 +354,18 @@ def test_oversized_and_non_regular_direction_files_are_refused(dictionaries, dir
     assert "cannot read" in compile_refusal(add_rule("missing.npy"), dictionaries, allowed)
 
 
-def test_a_direction_scaled_past_the_bound_is_refused(dictionaries, dirs):
+def test_a_direction_file_is_normalised_and_a_zero_one_refused(dictionaries, dirs):
+    """`add.scale` multiplies the unit direction (issue 16), so no element of what is added can pass
+    |scale| <= 1e4: a loud file is scaled down, a zero one has no direction."""
     allowed, _ = dirs
     np.save(allowed / "loud.npy", np.full(D, 100.0, np.float32))
-    message = compile_refusal(add_rule("loud.npy", scale=200), dictionaries, allowed)
-    assert "rule 'r' field 'actions[0].steer.add.scale'" in message and "scale × direction reaches 20000" in message
+    add = compile_rules(add_rule("loud.npy", scale=200), dictionaries, direction_dirs=[allowed]).rules[0].steering[0].add
+    direction = np.frombuffer(add.direction.data, np.float32)
+    assert add.scale == 200 and np.linalg.norm(direction) == pytest.approx(1.0)
+    np.testing.assert_allclose(direction, np.full(D, 1 / np.sqrt(D)), rtol=1e-6)
+    np.save(allowed / "zero.npy", np.zeros(D, np.float32))
+    message = compile_refusal(add_rule("zero.npy"), dictionaries, allowed)
+    assert message.startswith(f"r.yaml: {FIELD}: ") and "norm 0" in message
 
 
 # ---------------------------------------------------------------- the CLI: refusal, exit 2, no traceback
