@@ -133,6 +133,41 @@ def test_nonfinite_rows_never_reach_metrics_or_alerts(sidecar):
         client.close()
 
 
+def test_nonfinite_rows_in_a_batch_group_are_dropped_as_alone(tmp_path):
+    """Adaptive batching evaluates queued batches as one group: the NaN row of one part is left out
+    exactly as when that batch is evaluated alone."""
+    from monitor.receive.batch import BatchGroup
+
+    def parts():
+        out = []
+        for step in range(3):
+            x = rows(3, planted=[0, 2], seed=step)
+            if step == 1:
+                x[0, 0, 7] = np.nan
+            raw = PluginClient.encoded_batch(step, [1], x, [f"g{step}", "shared"], [0, 1, 1], [0, step * 2, step * 2 + 1],
+                                             [True] * 3)
+            msg, data = parse_plugin_message(raw)
+            out.append(decode_batch(msg.batch, D, {1}, 1 << 30, 1 << 20, data))
+        return out
+    send = lambda stream, directive: True  # noqa: E731
+    key = lambda v: (v.rule.name, v.request.request_id, v.position)  # noqa: E731
+    (tmp_path / "one").mkdir()
+    (tmp_path / "group").mkdir()
+    one, group = _steered_sidecar(tmp_path / "one"), _steered_sidecar(tmp_path / "group")
+    try:
+        alone = [key(v) for b in parts() for v in one.pipeline.process(b, None, send)]
+        grouped = [key(v) for v in group.pipeline.process(BatchGroup.of(parts()), None, send)]
+        assert sorted(alone) == sorted(grouped)
+        assert ("planted_feature", "g1", 0) not in alone and ("planted_feature", "g0", 0) in alone
+        for sc in (one, group):
+            text = "\n".join(f"{s.name} {s.labels} {s.value}" for m in sc.metrics.registry.collect() for s in m.samples)
+            assert "featurewatch_tokens_dropped_total {'reason': 'nonfinite'} 1.0" in text
+    finally:
+        for sc in (one, group):
+            sc.worker.stop()
+            sc.events.close()
+
+
 def test_nonfinite_bf16_rows_are_dropped_too(sidecar):
     import torch
 
