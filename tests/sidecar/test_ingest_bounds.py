@@ -60,12 +60,13 @@ def rows(n: int, planted=(), seed: int = 0) -> np.ndarray:
     return x
 
 
-def fence(client: PluginClient, name: str) -> None:
-    """Everything sent before has been evaluated once this planted request's directive is back
-    (one pipeline thread, batches in order)."""
-    client.start_request(name)
-    client.send(PluginClient.batch(99, [1], rows(1, planted=[0]), [name], [0], [0], [True]))
-    client.wait_for(lambda m: m.HasField("directive") and m.directive.request_id == name, timeout=30)
+def fence(sidecar, client: PluginClient) -> None:
+    """Everything this client sent before has been evaluated and acted on (alerts counted, directives
+    handed to the stream) once the PluginStats sent now are exported: one pipeline thread, in order."""
+    before = metric(sidecar, "featurewatch_plugin_enqueued_batches_total")
+    client.fences = getattr(client, "fences", 0) + 1  # cumulative, as the plugin reports: +1 each time
+    client.send(pb.PluginMessage(stats=pb.PluginStats(enqueue_count=client.fences)))
+    wait_until(lambda: metric(sidecar, "featurewatch_plugin_enqueued_batches_total") >= before + 1, "the fence")
 
 
 def metric(sidecar, name, **labels) -> float:
@@ -90,7 +91,7 @@ def test_an_absurd_position_costs_only_its_own_request(sidecar, bad_position):
         client.send(PluginClient.batch(2, [1], rows(2, planted=[1], seed=1), [bad, good], [0, 1], [1, 1], [True, True]))
         directive = client.wait_for(lambda m: m.HasField("directive"), timeout=30).directive
         assert directive.request_id == good and directive.from_position == 2
-        fence(client, f"fence-{bad_position}")
+        fence(sidecar, client)
         assert client.error is None
         # only the bad request's rows of the first batch were dropped, counted by reason
         assert metric(sidecar, "featurewatch_tokens_dropped_total", reason="position") - before == 2
@@ -118,17 +119,18 @@ def test_nonfinite_rows_never_reach_metrics_or_alerts(sidecar):
         client.send(PluginClient.batch(1, [1], x, ids, [0, 1, 2, 3], [0, 0, 0, 0], [True] * 4))
         directive = client.wait_for(lambda m: m.HasField("directive"), timeout=30).directive
         assert directive.request_id == "fine-row"
-        fence(client, "fence-nonfinite")
+        fence(sidecar, client)
         after = sidecar.metrics()
         score_sum = metric_value(after, "featurewatch_probe_score_sum", probe="planted")
         assert math.isfinite(score_sum), score_sum
         assert metric_value(after, "featurewatch_tokens_dropped_total", reason="nonfinite") - \
             metric_value(before, "featurewatch_tokens_dropped_total", reason="nonfinite") == 3
-        # the fine request and the fence fired each rule once; the Inf row fired nothing
+        # the fine request fired each rule once; the Inf row fired nothing (its directive, had it
+        # had one, would have come before the fine request's: same batch, lower request index)
         for rule in ("planted_feature", "planted_probe"):
             assert metric_value(after, "featurewatch_alerts_total", rule=rule) - \
-                metric_value(before, "featurewatch_alerts_total", rule=rule) == 2, rule
-        assert {d.request_id for d in client.directives()} == {"fine-row", "fence-nonfinite"}
+                metric_value(before, "featurewatch_alerts_total", rule=rule) == 1, rule
+        assert [d.request_id for d in client.directives()] == ["fine-row"]
     finally:
         client.close()
 
@@ -184,7 +186,7 @@ def test_nonfinite_bf16_rows_are_dropped_too(sidecar):
                                        dtype=pb.BFLOAT16))
         directive = client.wait_for(lambda m: m.HasField("directive"), timeout=30).directive
         assert directive.request_id == "bf16-fine"
-        fence(client, "fence-bf16")
+        fence(sidecar, client)
         assert metric(sidecar, "featurewatch_tokens_dropped_total", reason="nonfinite") - before == 1
         assert all(d.request_id != "bf16-inf" for d in client.directives())
     finally:
