@@ -138,18 +138,26 @@ def rules_apply(file: Path = typer.Argument(..., exists=True, dir_okay=False), a
         for e in reply.errors:
             err.print(f"[red]✗[/red] {escape(format_error(str(file), e.rule, e.field, e.message))}", highlight=False)
         _fail("rules rejected; the sidecar keeps its current rules")
-    verb = "valid (dry run)" if dry_run else f"applied as version {reply.version}"
-    console.print(f"[green]✓[/green] {reply.rules} rules, {reply.policies} policies {verb}")
+    if dry_run:
+        verb = "valid (dry run)"
+    elif reply.version:
+        verb = f"applied as version {reply.version}"
+    else:
+        verb = "applied on this sidecar (not in the store yet: it is stored when the store answers)"
+    console.print(f"[green]✓[/green] {reply.rules} rules, {reply.policies} policies {verb}", highlight=False)
+    if reply.written_to:
+        console.print(f"  written to {reply.written_to}: the sidecar's rules file, authoritative on it", highlight=False)
 
 
 @rules_app.command("get")
 def rules_get(address: str = AddressOpt, token: Optional[str] = TokenOpt) -> None:
-    """Print the rules in force on a running sidecar."""
+    """Print the rules in force on a running sidecar, after a comment line saying where they came from."""
     from monitor.protocol import pb
 
     stub, md = _admin(address, token)
     reply = _rpc(lambda: stub.GetRules(pb.GetRulesRequest(), metadata=md, timeout=10))
-    err.print(f"# version {reply.version} by {reply.author or '?'} at {time.ctime(reply.updated_unix_s)}")
+    when = f" at {time.ctime(reply.updated_unix_s)}" if reply.updated_unix_s else ""
+    err.print(f"# version {reply.version} from {reply.source or '?'}{when}", highlight=False)
     sys.stdout.write(reply.yaml)
 
 
@@ -221,6 +229,8 @@ class _EventPrinter:
         kind = e.get("kind", "?")
         colour = {"alert": "red", "steering": "magenta", "rules": "cyan"}.get(kind, "white")
         what = e.get("rule") or e.get("policy") or e.get("action") or ""
+        if e.get("trigger") == "kill_switch":  # the kill switch: say which way it was thrown
+            what = f"kill switch: steering {'on' if e.get('steering_enabled') else 'off'}"
         detail = " ".join(f"{k}={e[k]}" for k in ("severity", "api_request_id", "position", "value", "version", "author", "error")
                           if e.get(k) not in (None, ""))
         console.print(f"{when} [{colour}]{kind:8}[/{colour}] {what} {detail}", highlight=False)

@@ -28,7 +28,7 @@ from monitor.export.tracing import Tracing
 from monitor.pipeline import Pipeline, PipelineThread
 from monitor.protocol import pb, pb_grpc
 from monitor.receive.server import AdminService, IngestService, PluginStream
-from monitor.rules_file import RulesFileWatcher, describe
+from monitor.rules_file import RulesFileWatcher, RulesOrigin, describe, rules_origin
 from monitor.stores.base import StoredRules
 
 log = logging.getLogger("featurewatch.sidecar")
@@ -79,6 +79,8 @@ class Sidecar:
         self._servers: list = []
         self._metrics_server = None
         self._rules_lock = threading.RLock()  # one compile-and-swap at a time (file watcher, store thread, admin)
+        self.rules_origin = RulesOrigin("none", "", "", "")
+        self.metrics.set_rules_source(self.rules_origin)
         self.rules_file = (RulesFileWatcher(self, config.rules_file, config.rules_poll_interval_s)
                            if config.rules_file is not None else None)
         self._store_seen: dict = {}
@@ -116,7 +118,7 @@ class Sidecar:
             log.error("rule store unreadable at start, serving without its rules: %s", describe(exc))
             return
         if stored.yaml:
-            self._apply(stored)
+            self._on_stored(stored)
 
     def publish_rules(self, text: str, author: str) -> int:
         """Validated rules go to the store; every replica (this one included) applies them from there."""
@@ -126,10 +128,14 @@ class Sidecar:
 
     def _on_stored(self, stored: StoredRules) -> None:
         """The store delivered a set. File rules the store has not taken yet win: they are stored now
-        (and come back as a new version) rather than replaced by what the store had."""
-        if self.rules_file is not None and self.rules_file.store_pending():
+        (and come back as a new version) rather than replaced by what the store had; and with a rules
+        file, only the file's own text is put in force (the file is authoritative)."""
+        if self.rules_file is not None and (self.rules_file.store_pending() or not self.rules_file.follows(stored)):
             return
         self._apply(stored)
+
+    def apply_stored(self, stored: StoredRules) -> bool:
+        return self._apply(stored)
 
     def _apply(self, stored: StoredRules) -> bool:
         """Compile a stored set and put it in force; any failure keeps the rules in force."""
@@ -144,9 +150,11 @@ class Sidecar:
                 log.error("rules v%d rejected, keeping v%d: %s", stored.version, self.rules.version, reason)
                 self.events.emit("rules", version=stored.version, author=stored.author, action="rejected", error=reason)
                 return False
-            return self.install(compiled, f"v{stored.version} by {stored.author or '?'}")
+            return self.install(compiled, f"v{stored.version} by {stored.author or '?'}", author=stored.author,
+                                updated_unix_s=stored.updated_unix_s)
 
-    def install(self, compiled: CompiledRules, what: str) -> bool:
+    def install(self, compiled: CompiledRules, what: str, *, author: str = "", stored: bool = True,
+                updated_unix_s: float | None = None) -> bool:
         """Put compiled rules in force on the pipeline thread, between two batches (the per-request
         state is resized there), and send every plugin the new plan."""
         with self._rules_lock:
@@ -156,8 +164,12 @@ class Sidecar:
                 self.metrics.rule_reloads.labels("error").inc()
                 log.error("rules %s not put in force: %s", what, describe(exc))
                 return False
+            self.rules_origin = rules_origin(compiled.yaml, author, self.config.store.kind if stored else "",
+                                             self.rules_file, time.time() if updated_unix_s is None else updated_unix_s)
+            self.metrics.set_rules_source(self.rules_origin)
             self.metrics.rule_reloads.labels("ok").inc()
-            log.info("rules in force: %s, %d rules, %d policies", what, len(compiled.rules), len(compiled.policies))
+            log.info("rules in force: %s, %d rules, %d policies; source: %s", what, len(compiled.rules),
+                     len(compiled.policies), self.rules_origin.describe())
         if self._loop is not None:  # layers, policies or version changed: every plugin gets the new plan
             self._loop.call_soon_threadsafe(self._broadcast_plan)
         return True

@@ -194,6 +194,11 @@ class SidecarMetrics:
             self.rule_info.labels(rule.name, rule.severity, rule.labels.get("owner", ""), signal).set(1)
         self.rules_version.set(rules.version)
 
+    def set_rules_source(self, origin) -> None:
+        """One series: where the rules in force came from (a RulesOrigin)."""
+        self.rules_source.clear()
+        self.rules_source.labels(origin.source, origin.origin[:256], origin.store).set(1)
+
     def set_steering(self, enabled: bool, failure_mode: str) -> None:
         self.steering_enabled.set(1 if enabled else 0)
         for mode in ("open", "closed"):

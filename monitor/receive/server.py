@@ -13,6 +13,7 @@ import grpc
 from monitor.evaluate.rules import RulesInvalid
 from monitor.protocol import pb, pb_grpc
 from monitor.receive.ingest import CREDIT_EVERY, IngestService, PluginStream  # noqa: F401 - re-exported
+from monitor.rules_file import RulesFileReadOnly
 from monitor.stores.base import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -34,9 +35,11 @@ class AdminService(pb_grpc.AdminServicer):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong admin token")
 
     async def GetRules(self, request, context):
+        """The rules in force on this sidecar, and where they came from."""
         await self._authorize(context)
-        stored = self.sidecar.rule_store.get()
-        return pb.RuleSet(yaml=stored.yaml, version=stored.version, author=stored.author, updated_unix_s=stored.updated_unix_s)
+        rules, origin = self.sidecar.rules, self.sidecar.rules_origin
+        return pb.RuleSet(yaml=rules.yaml, version=rules.version, author=origin.author,
+                          updated_unix_s=origin.updated_unix_s, source=origin.describe(), store=origin.store)
 
     async def PutRules(self, request, context):
         await self._authorize(context)
@@ -49,7 +52,19 @@ class AdminService(pb_grpc.AdminServicer):
             log.exception("PutRules: rules could not be compiled")
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"rules could not be compiled, rules in force unchanged: {type(exc).__name__}: {str(exc)[:200]}")
-        version = self.sidecar.rule_store.get().version
+        version = self.sidecar.rules.version
+        watcher = self.sidecar.rules_file
+        if watcher is not None and not request.dry_run:  # the rules file is authoritative: write it
+            try:
+                version = await asyncio.to_thread(watcher.write, request.yaml, request.author or "admin")
+            except RulesFileReadOnly as exc:
+                await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+            except Exception as exc:  # noqa: BLE001 - the file could not be written or applied
+                log.error("PutRules: rules file %s: %s", watcher.path, exc)
+                await context.abort(grpc.StatusCode.ABORTED, f"rules file {watcher.path}: {type(exc).__name__}: "
+                                    f"{str(exc)[:300]}")
+            return pb.PutRulesResponse(ok=True, version=version, rules=len(compiled.rules),
+                                       policies=len(compiled.policies), written_to=str(watcher.path))
         if not request.dry_run:
             try:
                 version = await asyncio.to_thread(self.sidecar.publish_rules, request.yaml, request.author or "admin")

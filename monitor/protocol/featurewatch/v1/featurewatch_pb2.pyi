@@ -274,16 +274,20 @@ class GetRulesRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RuleSet(_message.Message):
-    __slots__ = ("yaml", "version", "author", "updated_unix_s")
+    __slots__ = ("yaml", "version", "author", "updated_unix_s", "source", "store")
     YAML_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     AUTHOR_FIELD_NUMBER: _ClassVar[int]
     UPDATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
     yaml: str
     version: int
     author: str
     updated_unix_s: float
-    def __init__(self, yaml: _Optional[str] = ..., version: _Optional[int] = ..., author: _Optional[str] = ..., updated_unix_s: _Optional[float] = ...) -> None: ...
+    source: str
+    store: str
+    def __init__(self, yaml: _Optional[str] = ..., version: _Optional[int] = ..., author: _Optional[str] = ..., updated_unix_s: _Optional[float] = ..., source: _Optional[str] = ..., store: _Optional[str] = ...) -> None: ...
 
 class PutRulesRequest(_message.Message):
     __slots__ = ("yaml", "author", "dry_run")
@@ -308,18 +312,20 @@ class RuleError(_message.Message):
     def __init__(self, file: _Optional[str] = ..., rule: _Optional[str] = ..., field: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class PutRulesResponse(_message.Message):
-    __slots__ = ("ok", "version", "errors", "rules", "policies")
+    __slots__ = ("ok", "version", "errors", "rules", "policies", "written_to")
     OK_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     RULES_FIELD_NUMBER: _ClassVar[int]
     POLICIES_FIELD_NUMBER: _ClassVar[int]
+    WRITTEN_TO_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     version: int
     errors: _containers.RepeatedCompositeFieldContainer[RuleError]
     rules: int
     policies: int
-    def __init__(self, ok: _Optional[bool] = ..., version: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[RuleError, _Mapping]]] = ..., rules: _Optional[int] = ..., policies: _Optional[int] = ...) -> None: ...
+    written_to: str
+    def __init__(self, ok: _Optional[bool] = ..., version: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[RuleError, _Mapping]]] = ..., rules: _Optional[int] = ..., policies: _Optional[int] = ..., written_to: _Optional[str] = ...) -> None: ...
 
 class KillSwitchRequest(_message.Message):
     __slots__ = ("steering_enabled", "author")
