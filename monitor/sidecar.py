@@ -70,6 +70,8 @@ class Sidecar:
         self.pipeline = Pipeline(compile_rules("", self.dictionaries), self.requests, self.metrics, self.events,
                                  self.tracing, self.steering, config.model_name)
         self.streams: set[PluginStream] = set()
+        self._mismatched: set[PluginStream] = set()  # streams whose Hello.model_name is not ours
+        self._warned_models: set[str] = set()
         self._queued_batches = 0
         self._queued_bytes = 0
         self._queue_lock = threading.Lock()
@@ -202,12 +204,30 @@ class Sidecar:
             self.metrics.plugin_connected.labels(self.config.model_name, stream.engine).inc()
             log.info("plugin connected: model=%s engine=%s d=%d layers=%s", stream.hello.model_name,
                      stream.engine, stream.hello.d_model, list(stream.hello.available_layers))
+            self._check_model_name(stream)
         stream.reply(pb.SidecarMessage(plan=plan))  # bounded: a plan that cannot be queued ends the stream
 
     def detach(self, stream: PluginStream) -> None:
         if stream in self.streams:
             self.streams.discard(stream)
             self.metrics.plugin_connected.labels(self.config.model_name, stream.engine).dec()
+        if stream in self._mismatched:
+            self._mismatched.discard(stream)
+            self.metrics.plugin_model_mismatch.set(len(self._mismatched))
+
+    def _check_model_name(self, stream: PluginStream) -> None:
+        """vLLM's metrics carry its served model name, ours `model_name`: when they differ, dashboards
+        joining on model_name show nothing of one side. Warn once per name, and count the streams."""
+        served = stream.hello.model_name
+        if not served or served == self.config.model_name:
+            return
+        self._mismatched.add(stream)
+        self.metrics.plugin_model_mismatch.set(len(self._mismatched))
+        if served not in self._warned_models and len(self._warned_models) < 16:
+            self._warned_models.add(served)
+            log.warning("plugin %s serves model %r but this sidecar's model_name is %r: set model_name: %s in the "
+                        "sidecar config (or FEATUREWATCH_MODEL_NAME in vLLM) so vLLM's and featurewatch's metrics share "
+                        "the model_name label", stream.engine, served[:200], self.config.model_name, served[:200])
 
     def _broadcast_plan(self) -> None:
         for stream in list(self.streams):
@@ -415,4 +435,8 @@ async def serve(config: SidecarConfig, ready=None) -> None:
     await stop.wait()
     log.info("draining")
     await sidecar.stop()
+    # Give the frozen objects back to the collector before the interpreter exits: frozen, they are
+    # never collected at exit, and native extensions that check for leaks at teardown (Triton's
+    # nanobind module, imported by the encode kernels) print ~30 lines of "leaked instance" warnings.
+    gc.unfreeze()
 
