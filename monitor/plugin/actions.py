@@ -29,6 +29,7 @@ from monitor.protocol import pb
 
 MAX_ABS = 1e6  # any scalar or vector element of an action
 DEFAULT_MAX_NORM = 1e4  # what one action may add to a row (L2), before the dtype cap
+MAX_NORM_CAP = 1e30  # whatever the setting (see ops.steer_math)
 
 
 @dataclass(frozen=True)
@@ -38,11 +39,12 @@ class ActionLimits:
 
     @classmethod
     def for_dtype(cls, dtype: torch.dtype, max_norm: float = DEFAULT_MAX_NORM) -> ActionLimits:
-        """``max_norm`` capped at a sixteenth of the dtype's range (fp16: 4094)."""
-        top = float(torch.finfo(dtype).max) / 16 if dtype.is_floating_point else max_norm
+        """``max_norm`` capped at a sixteenth of the dtype's range (fp16: 4094) and at 1e30
+        (the op relies on it: adding that much to a finite fp32/bf16 row cannot overflow)."""
+        top = float(torch.finfo(dtype).max) / 16 if dtype.is_floating_point else MAX_NORM_CAP
         if not (math.isfinite(max_norm) and max_norm > 0):
             max_norm = DEFAULT_MAX_NORM
-        return cls(max_norm=min(max_norm, top))
+        return cls(max_norm=min(max_norm, top, MAX_NORM_CAP))
 
 
 DEFAULT_LIMITS = ActionLimits()

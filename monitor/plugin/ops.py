@@ -79,8 +79,15 @@ def steer_math(
     delta = coef @ dec + add.index_select(0, idx)
     on = row_on.index_select(0, idx)
     new = (residual.float() + delta).to(residual.dtype)
-    ok = torch.isfinite(new).all(dim=1) & (delta.square().sum(dim=1) <= max_norm * max_norm)
-    refused = on & ~ok & torch.isfinite(xf).all(dim=1)  # the input was fine: steering broke it
+    # |delta|^2 is NaN or Inf when delta is: one reduction checks "finite and within the cap".
+    # Adding at most max_norm (<= 1e30, actions.py) to a finite fp32/bf16 row cannot overflow
+    # (half an ulp at their largest value is ~1e31); fp16 rows can, so they are checked too.
+    ok = torch.linalg.vector_norm(delta, dim=1) <= max_norm
+    if new.dtype == torch.float16:
+        ok = ok & torch.isfinite(new).all(dim=1)
+    # x was finite iff its encoder products are (a NaN/Inf element reaches every product): a
+    # row the model itself made non-finite is kept as it is and not blamed on steering
+    refused = on & ~ok & torch.isfinite(pre).all(dim=1)
     return torch.where((on & ok).unsqueeze(1), new, residual), refused
 
 

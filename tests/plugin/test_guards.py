@@ -92,6 +92,7 @@ def test_the_cap_follows_the_setting_and_the_model_dtype():
     assert ActionLimits.for_dtype(torch.bfloat16, 5e5).max_norm == 5e5
     assert ActionLimits.for_dtype(torch.float16, 5e5).max_norm == pytest.approx(65504 / 16)
     assert ActionLimits.for_dtype(torch.float32, NAN).max_norm == 1e4
+    assert ActionLimits.for_dtype(torch.float32, 1e35).max_norm == 1e30  # the op relies on it
     strict = ActionLimits.for_dtype(torch.float32, 10.0)
     with pytest.raises(ValueError, match="exceeds the steering cap 10"):
         parse_action(add_action(0, E, 11.0), D, strict)
@@ -167,6 +168,27 @@ def test_op_refuses_a_clamp_whose_removal_term_exceeds_the_cap():
     assert torch.equal(out[[0, 2, 3]], residual[[0, 2, 3]])
     assert 8e3 < float((out[1] - residual[1]).norm()) < 1e4  # under the cap: applied
     assert t.nonfinite[0].tolist()[r_big] == 2 and int(t.nonfinite.sum()) == 2
+
+
+def test_fp16_rows_that_would_overflow_keep_their_bits():
+    """In fp16 a finite, in-cap addition can still overflow the cast back to the model dtype."""
+    t = ops.SteerTables(num_layers=1, d_model=D, rows=4, clamps=2, max_tokens=8,
+                        device=torch.device("cpu"), dtype=torch.float16, do_tap=True)
+    lim = ActionLimits.for_dtype(torch.float16)
+    e0 = np.eye(D, dtype=np.float32)[0]
+    row = SteeringTable(t, [0]).acquire((parse_action(add_action(0, e0, 4000.0), D, lim),))
+    residual = torch.zeros(3, D, dtype=torch.float16)
+    residual[1, 0] = 64000.0  # + 4000 > 65504
+    t.steer_idx[:3] = row
+    ops.set_step_live(True)
+    try:
+        out = torch.ops.featurewatch.tap_steer(None, residual, *t.layer_args(0), True,
+                                               lim.max_norm)
+    finally:
+        ops.set_step_live(False)
+    assert torch.isfinite(out).all() and torch.equal(out[1], residual[1])
+    assert not torch.equal(out[0], residual[0])  # the others are steered
+    assert int(t.nonfinite[0, row]) == 1
 
 
 class _Layer(torch.nn.Module):
