@@ -68,6 +68,7 @@ class Pipeline:
         parts = batch.parts if isinstance(batch, BatchGroup) else [batch]
         verdicts: list[Verdict] = []
         matched = np.zeros(len(rules.rules), dtype=np.int64)  # per rule: in-scope tokens its window matched
+        unsteered = None  # rows the residual norm may be measured on, once per batch (_measure_norms)
         for i, layer in enumerate(batch.layers):
             lb = LayerBatch(layer, batch.request_ids, batch.token_request, batch.positions, batch.generated)
             if len(parts) == 1:
@@ -77,7 +78,7 @@ class Pipeline:
                                                                        p.generated)) for p in parts])
             if layer not in rules.encode.layers:
                 self._count_tokens(layer, keep, batch.generated)
-                self._measure_norms(layer, i, parts, batch, keep)
+                unsteered = self._measure_norms(layer, i, parts, batch, keep, unsteered)
                 continue
             xs = [part.activations[i].float() for part in parts]
             finite = [finite_rows(x) for x in xs]  # first: the encode then reads x from cache
@@ -87,7 +88,7 @@ class Pipeline:
             self.metrics.encode_seconds.labels(str(layer)).observe(time.perf_counter() - started)
             keep = self._drop_nonfinite(xs, finite, signals, keep)
             self._count_tokens(layer, keep, batch.generated)
-            self._measure_norms(layer, i, parts, batch, keep)
+            unsteered = self._measure_norms(layer, i, parts, batch, keep, unsteered)
             self._export_signals(rules, layer, signals, keep)
             verdicts.extend(self.requests.evaluate(rules, lb, signals, keep, matched))
         for index in np.nonzero(matched)[0].tolist():
@@ -119,25 +120,29 @@ class Pipeline:
             keep = keep & mask
         return keep
 
-    def _measure_norms(self, layer: int, i: int, parts: list, batch, keep: np.ndarray) -> None:
+    def _measure_norms(self, layer: int, i: int, parts: list, batch, keep: np.ndarray,
+                       unsteered: np.ndarray | None) -> np.ndarray | None:
         """The layer's residual norm (featurewatch_residual_norm, the unit of `scale_unit:
-        residual_norm`) from a sample of the kept rows of requests that no steering touches."""
-        steered = self.steering.steered
+        residual_norm`) from a sample of the kept rows of requests that no steering touches (of a
+        group: its first part). Returns the per-token mask of such rows, computed once per batch."""
+        norms = self.steering.norms
+        if not norms.due(layer):
+            return unsteered
+        if unsteered is None:
+            steered = self.steering.steered
 
-        def touched(rid: str) -> bool:
-            state = self.requests.get(rid)
-            return rid in steered or bool(state is not None and state.info.steering_policy)
+            def touched(rid: str) -> bool:
+                state = self.requests.get(rid)
+                return rid in steered or bool(state is not None and state.info.steering_policy)
 
-        skip = np.array([touched(rid) for rid in batch.request_ids], dtype=bool)
-        rows = keep & ~skip[batch.token_request] if skip.any() else keep
-        candidates, offset = [], 0
-        for part in parts:
-            n = len(part.positions)
-            candidates.append((part.activations[i], np.nonzero(rows[offset:offset + n])[0]))
-            offset += n
-        median = self.steering.norms.observe(layer, candidates)
+            skip = np.array([touched(rid) for rid in batch.request_ids], dtype=bool)
+            unsteered = ~skip[batch.token_request] if skip.any() else np.ones(len(batch.token_request), bool)
+        first = parts[0]
+        n = len(first.positions)
+        median = norms.observe(layer, first.activations[i], np.flatnonzero(keep[:n] & unsteered[:n]))
         if median is not None:
             self.metrics.residual_norm.labels(self.model_name, str(layer)).set(median)
+        return unsteered
 
     def _count_tokens(self, layer: int, keep: np.ndarray, generated: np.ndarray) -> None:
         n_gen = int((keep & generated).sum())

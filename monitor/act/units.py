@@ -21,7 +21,9 @@ from monitor.protocol import pb
 
 MIN_TOKENS = 64  # rows measured on a layer before its median is used
 WINDOW = 4096  # the median is over the last WINDOW measured rows of the layer
-SAMPLE = 64  # rows measured per batch and layer at most (evenly spaced)
+SAMPLE = 16  # rows measured per measured batch and layer at most (evenly spaced)
+EVERY = 4  # once the median is known, one batch in EVERY is measured
+REFRESH = 1024  # once known, the median is recomputed after this many new rows
 REPLAN_CHANGE = 0.10  # a policy's median moved by more than this fraction: a new plan
 
 
@@ -70,27 +72,30 @@ class ResidualNorms:
 
     def __init__(self) -> None:
         self._rings: dict[int, _Ring] = {}
+        self._calls: dict[int, int] = {}
         self.medians: dict[int, float] = {}
         self.plan_medians: dict[int, float] = {}  # what the last plan's policies were resolved with
         self.policy_layers: set[int] = set()
         self._lock = threading.Lock()
 
-    def observe(self, layer: int, candidates: list[tuple[torch.Tensor, np.ndarray]]) -> float | None:
-        """Measure up to SAMPLE rows, evenly spaced among the candidates (pairs of a [n, d] tensor
-        and the indices of its rows that may be measured); the new median when one was computed.
-        Only the sampled rows are read."""
-        n = sum(int(idx.size) for _, idx in candidates)
+    def due(self, layer: int) -> bool:
+        """Whether to measure this batch of the layer: every batch until the median is known, then
+        one in EVERY (a sample either way; it keeps the cost per batch to a few microseconds)."""
+        n = self._calls.get(layer, 0)
+        self._calls[layer] = n + 1
+        return layer not in self.medians or n % EVERY == 0
+
+    def observe(self, layer: int, x: torch.Tensor, idx: np.ndarray) -> float | None:
+        """Measure up to SAMPLE of the rows ``idx`` of ``x [n, d]`` (evenly spaced; only those rows
+        are read); the new median when one was computed."""
+        n = int(idx.size)
         if n == 0:
             return None
-        take = np.unique(np.linspace(0, n - 1, num=min(SAMPLE, n)).astype(np.int64))
-        norms, offset = [], 0
-        for x, idx in candidates:
-            mine = take[(take >= offset) & (take < offset + idx.size)] - offset
-            if mine.size:
-                rows = x[torch.from_numpy(idx[mine].astype(np.int64))].float()
-                norms.append(torch.linalg.vector_norm(rows, dim=1).numpy())
-            offset += int(idx.size)
-        values = np.concatenate(norms).astype(np.float64)
+        if n == x.shape[0] and n >= SAMPLE:  # every row a candidate: a strided view, no copy
+            rows = x[:: n // SAMPLE][:SAMPLE]
+        else:
+            rows = x[torch.from_numpy(idx[(np.arange(min(n, SAMPLE)) * n) // min(n, SAMPLE)].astype(np.int64))]
+        values = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).numpy().astype(np.float64)
         values = values[np.isfinite(values)]
         if values.size == 0:
             return None
@@ -100,7 +105,7 @@ class ResidualNorms:
         ring.count += values.size
         ring.since_median += values.size
         known = layer in self.medians
-        if ring.count < MIN_TOKENS or (known and ring.since_median < SAMPLE):
+        if ring.count < MIN_TOKENS or (known and ring.since_median < REFRESH):
             return None
         ring.since_median = 0
         median = float(np.median(ring.values[: min(ring.count, WINDOW)]))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from monitor.act.steering import SteeringController
-from monitor.act.units import MIN_TOKENS, ResidualNorms
+from monitor.act.units import MIN_TOKENS, SAMPLE, ResidualNorms
 from monitor.config import SidecarConfig, SourceConfig
 from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import compile_rules
@@ -96,7 +96,9 @@ rules:
     actions = compiled.rules[0].steering
     assert controller.directive("a", "r", 3, actions) is None and withheld == ["residual_norm_unknown"]
     rows = torch.from_numpy(np.stack([(7.0 + 0.01 * k) * _unit(k) for k in range(MIN_TOKENS)]))
-    assert controller.norms.observe(1, [(rows, np.arange(MIN_TOKENS))]) == pytest.approx(7.0 + 0.01 * 31.5, rel=1e-6)
+    medians = [controller.norms.observe(1, rows[k:k + SAMPLE], np.arange(SAMPLE)) for k in range(0, MIN_TOKENS, SAMPLE)]
+    assert medians[:-1] == [None] * (len(medians) - 1)  # not before MIN_TOKENS rows
+    assert medians[-1] == pytest.approx(7.0 + 0.01 * 31.5, rel=1e-6)
     [add] = controller.directive("a", "r", 3, actions).actions
     assert add.add.scale == pytest.approx(-0.1 * 7.315, rel=1e-6)
     np.testing.assert_allclose(np.frombuffer(add.add.direction.data, np.float32), _unit(1), atol=1e-6)
@@ -114,8 +116,10 @@ def test_the_median_reads_only_sampled_rows_of_unsteered_requests():
     norms = ResidualNorms()
     x = torch.ones(10_000, D)  # norm 8 everywhere ...
     x[::2] *= 100  # ... but 800 on the rows that may not be measured
-    assert norms.observe(2, [(x, np.arange(1, 10_000, 2))]) == pytest.approx(8.0)
+    for _ in range(MIN_TOKENS // SAMPLE):
+        norms.observe(2, x, np.arange(1, 10_000, 2))
     assert norms.median(2) == pytest.approx(8.0) and norms.median(1) is None
+    assert [norms.due(2) for _ in range(8)] == [True, False, False, False] * 2  # known: one batch in four
 
 
 def _batch(step: int, rid: str, positions: list[int], scale: float):
@@ -147,7 +151,9 @@ policies:
         sidecar.pipeline.request_started(RequestInfo("steered-0", metadata={"tenant": "acme"}, steering_policy="relative"), 4, 0)
         sidecar.pipeline.process(_batch(1, "steered-0", list(range(200)), 50.0), None, send)  # steered: not measured
         assert sidecar.steering.norms.median(1) is None
-        sidecar.pipeline.process(_batch(2, "plain-0", list(range(MIN_TOKENS)), 6.0), None, send)
+        for step in range(MIN_TOKENS // SAMPLE):  # SAMPLE rows are measured per batch
+            assert sidecar.steering.norms.median(1) is None
+            sidecar.pipeline.process(_batch(2 + step, "plain-0", list(range(32 * step, 32 * step + 32)), 6.0), None, send)
         assert sidecar.steering.norms.median(1) == pytest.approx(6.0, rel=1e-5)
         assert sidecar.steering.norms.needs_replan() is True  # the sidecar sends every plugin a new plan
         plan = sidecar.plan()
