@@ -10,7 +10,7 @@ Bounds (documented in docs/plugin.md):
 * every scalar (``bias``, ``threshold``, ``gate_bias``, ``value``, ``scale``) and every vector
   element is finite and at most :data:`MAX_ABS` in magnitude;
 * what an action can add to a row is capped in absolute terms: ``|scale| * |direction|`` and
-  ``|value| * |decoder|`` are at most ``max_norm`` (``FEATUREWATCH_STEER_MAX_NORM``, default 1e4,
+  ``|value| * |decoder|`` are at most ``max_norm`` (``FEATUREWATCH_STEER_MAX_NORM``, default 1e5,
   at most a sixteenth of the model dtype's largest value). An absolute cap is checked once, at
   parse time, and costs nothing in the forward; the in-graph finiteness check (ops.py) catches
   whatever still overflows.
@@ -28,7 +28,7 @@ import torch
 from monitor.protocol import pb
 
 MAX_ABS = 1e6  # any scalar or vector element of an action
-DEFAULT_MAX_NORM = 1e4  # what one action may add to a row (L2), before the dtype cap
+DEFAULT_MAX_NORM = 1e5  # what one action may add to a row (L2), before the dtype cap
 MAX_NORM_CAP = 1e30  # whatever the setting (see ops.steer_math)
 
 

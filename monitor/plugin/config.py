@@ -48,7 +48,7 @@ class PluginConfig:
     tap_budget_bytes: int = 1024 * _MIB  # cap on the static tap buffer when layers=auto
     steer_rows: int = 32  # distinct steering programs in flight (row 0 is the no-op)
     steer_clamps: int = 16  # distinct clamp vectors per hooked layer
-    steer_max_norm: float = 1e4  # |what one action adds to a row| (actions.py)
+    steer_max_norm: float = 1e5  # |what one action adds to a row| (actions.py)
     queue_batches: int = 64
     queue_bytes: int = 256 * _MIB
     stats_interval_s: float = 5.0
@@ -76,7 +76,7 @@ class PluginConfig:
             tap_budget_bytes=_env_int("FEATUREWATCH_TAP_BUDGET_MB", 1024) * _MIB,
             steer_rows=max(2, _env_int("FEATUREWATCH_STEER_ROWS", 32)),
             steer_clamps=max(1, _env_int("FEATUREWATCH_STEER_CLAMPS", 16)),
-            steer_max_norm=_env_float("FEATUREWATCH_STEER_MAX_NORM", 1e4),
+            steer_max_norm=_env_float("FEATUREWATCH_STEER_MAX_NORM", 1e5),
             queue_batches=max(1, _env_int("FEATUREWATCH_QUEUE_BATCHES", 64)),
             queue_bytes=max(1, _env_int("FEATUREWATCH_QUEUE_MB", 256)) * _MIB,
             stats_interval_s=_env_float("FEATUREWATCH_STATS_INTERVAL_S", 5.0),

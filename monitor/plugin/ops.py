@@ -63,7 +63,7 @@ def steer_math(
     gbias: torch.Tensor,
     val: torch.Tensor,
     dec: torch.Tensor,
-    max_norm: float = 1e4,
+    max_norm: float = 1e5,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The steered residual for one layer (tables already sliced to that layer), and per token
     whether steering was refused because it would have made a finite row non-finite or added
@@ -107,7 +107,7 @@ def _tap_steer(
     tap: torch.Tensor,
     nonfinite: torch.Tensor,
     do_tap: bool,
-    max_norm: float = 1e4,
+    max_norm: float = 1e5,
 ) -> torch.Tensor:
     n = min(residual.shape[0], steer_idx.shape[0])
     res = residual[:n]
@@ -133,7 +133,7 @@ def _tap_steer(
 
 
 def _tap_steer_fake(hidden, residual, steer_idx, row_on, active, add, encg, bias, thr, gbias,
-                    val, dec, tap, nonfinite, do_tap, max_norm=1e4):
+                    val, dec, tap, nonfinite, do_tap, max_norm=1e5):
     return torch.empty_like(residual)
 
 
@@ -144,7 +144,7 @@ _LIB = torch.library.Library("featurewatch", "FRAGMENT")
 _LIB.define(
     "tap_steer(Tensor? hidden, Tensor residual, Tensor steer_idx, Tensor row_on, Tensor active, "
     "Tensor add, Tensor encg, Tensor bias, Tensor thr, Tensor gbias, Tensor val, Tensor dec, "
-    "Tensor(a!) tap, Tensor(b!) nonfinite, bool do_tap, float max_norm=10000.0) -> Tensor"
+    "Tensor(a!) tap, Tensor(b!) nonfinite, bool do_tap, float max_norm=100000.0) -> Tensor"
 )
 _LIB.impl("tap_steer", _tap_steer, "CompositeExplicitAutograd")
 torch.library.register_fake("featurewatch::tap_steer", _tap_steer_fake, lib=_LIB)
@@ -164,7 +164,7 @@ class SteerTables:
         device: torch.device,
         dtype: torch.dtype,
         do_tap: bool,
-        max_norm: float = 1e4,
+        max_norm: float = 1e5,
     ) -> None:
         self.num_layers, self.d_model, self.rows, self.clamps = num_layers, d_model, rows, clamps
         self.max_norm = float(max_norm)  # what steering may add to one row (L2), see the guard

@@ -96,7 +96,7 @@ class FaultySidecar(SidecarProcess):
 class VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` with the plugin and its routes."""
 
-    def __init__(self, model: str, root: Path, address: str) -> None:
+    def __init__(self, model: str, root: Path, address: str, model_name: str) -> None:
         self.root, self.port = root, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -107,6 +107,7 @@ class VllmServer:
             env[var] = str(path)
         env.update(FEATUREWATCH_ADDRESS=address, FEATUREWATCH_RUNTIME_DIR=str(root),
                    FEATUREWATCH_BACKOFF_MAX_S="0.5", FEATUREWATCH_STATS_INTERVAL_S="0.5",
+                   FEATUREWATCH_MODEL_NAME=model_name,  # the sidecar's model_name
                    VLLM_PLUGINS="featurewatch,featurewatch_routes", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_CPU_KVCACHE_SPACE="1")
         env.pop("VLLM_API_KEY", None)

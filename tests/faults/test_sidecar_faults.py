@@ -48,7 +48,8 @@ class Stack:
 
     def start(self) -> None:
         self.sidecar.start()
-        self.server = VllmServer(self.model, self.root / "vllm", self.sidecar.socket_address)
+        self.server = VllmServer(self.model, self.root / "vllm", self.sidecar.socket_address,
+                                 self.sidecar.config["model_name"])
         # computed while vLLM starts
         self.reference = reference(self.model, [r for rs in self.requests.values() for r in rs])
         self.server.wait_ready()

@@ -187,7 +187,7 @@ BAD_POLICIES = {  # sent by a sidecar that skipped its own validation
     "nan_clamp": [clamp_action(1, ENC1, DIR, value=float("nan"))],
     "inf_add": [add_action(2, DIR, float("inf"))],
     "huge_add": [add_action(2, DIR, 1e39)],  # a float32 field: inf on the wire
-    "over_cap": [add_action(2, DIR, 5e4)],  # finite, above the plugin's 1e4 cap
+    "over_cap": [add_action(2, DIR, 5e5)],  # finite, above the plugin's 1e5 cap
     "nan_threshold": [clamp_action(1, ENC1, DIR, threshold=float("-inf"), value=1.0)],
 }
 
@@ -237,8 +237,8 @@ def test_nonfinite_steering_is_refused_and_serving_unharmed(eng, hf):
 
 
 # Passes the parse (every number finite and in bounds, nothing static to add), but on every token
-# its removal term -(x.encoder + 1e5) * decoder adds about 1e5 to the row: over the 1e4 cap.
-OVER_CAP_CLAMP = clamp_action(1, ENC1, DIR, bias=1e5, threshold=0.0, value=0.0)
+# its removal term -(x.encoder + 5e5) * decoder adds about 5e5 to the row: over the 1e5 cap.
+OVER_CAP_CLAMP = clamp_action(1, ENC1, DIR, bias=5e5, threshold=0.0, value=0.0)
 
 
 def test_guard_keeps_oversized_and_nonfinite_rows_out_of_the_stream(eng, hf):

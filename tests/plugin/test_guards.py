@@ -56,7 +56,7 @@ REFUSED = [
     (clamp_action(0, E, F, value=NAN), "clamp.value=nan is not finite"),
     (clamp_action(0, E, F, value=INF), "clamp.value=inf is not finite"),
     (clamp_action(0, E, F, value=1e7), "clamp.value=1e+07 is out of bounds"),
-    (clamp_action(0, E, F, value=2e4), "|clamp.value| * |clamp.decoder|=2e+04 exceeds"),
+    (clamp_action(0, E, F, value=2e5), "|clamp.value| * |clamp.decoder|=2e+05 exceeds"),
     (clamp_action(0, E, F, bias=NAN), "clamp.bias=nan is not finite"),
     (clamp_action(0, E, F, threshold=-INF), "clamp.threshold=-inf is not finite"),
     (_gated(gate_bias=NAN), "clamp.gate_bias=nan is not finite"),
@@ -67,7 +67,7 @@ REFUSED = [
     (add_action(0, E, NAN), "add.scale=nan is not finite"),
     (add_action(0, E, INF), "add.scale=inf is not finite"),
     (add_action(0, E, 1e39), "add.scale=inf is not finite"),  # a float32 field: 1e39 is inf
-    (add_action(0, E, 5e4), "|add.scale * add.direction|=5e+04 exceeds the steering cap"),
+    (add_action(0, E, 5e5), "|add.scale * add.direction|=5e+05 exceeds the steering cap"),
     (add_action(0, _with(E, 1, -INF), 1.0), "add.direction[1]=-inf is not finite"),
     (_bf16_with_nan(), "add.direction[5]=nan is not finite"),
 ]
@@ -88,10 +88,10 @@ def test_parse_accepts_values_within_bounds():
 
 
 def test_the_cap_follows_the_setting_and_the_model_dtype():
-    assert ActionLimits.for_dtype(torch.float32).max_norm == 1e4
+    assert ActionLimits.for_dtype(torch.float32).max_norm == 1e5
     assert ActionLimits.for_dtype(torch.bfloat16, 5e5).max_norm == 5e5
     assert ActionLimits.for_dtype(torch.float16, 5e5).max_norm == pytest.approx(65504 / 16)
-    assert ActionLimits.for_dtype(torch.float32, NAN).max_norm == 1e4
+    assert ActionLimits.for_dtype(torch.float32, NAN).max_norm == 1e5
     assert ActionLimits.for_dtype(torch.float32, 1e35).max_norm == 1e30  # the op relies on it
     strict = ActionLimits.for_dtype(torch.float32, 10.0)
     with pytest.raises(ValueError, match="exceeds the steering cap 10"):
