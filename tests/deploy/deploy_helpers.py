@@ -25,7 +25,7 @@ def need_binary(name: str) -> str:
     return path
 
 
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()

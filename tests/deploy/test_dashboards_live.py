@@ -29,7 +29,7 @@ pytest.importorskip("tests.support.sidecar", reason="the sidecar test support is
 from monitor.protocol import pb  # noqa: E402
 from tests.support.dictionaries import planted_direction, planted_rules  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
-from tests.support.sidecar import SidecarProcess, fixture_config  # noqa: E402
+from tests.support.sidecar import SidecarProcess, fixture_config, metric_value  # noqa: E402
 
 D = 64
 INSTANCE = "replica-0"
@@ -132,11 +132,15 @@ def test_every_dashboard_query_returns_data(tmp_path, redis_server):
         bad = PluginClient.batch(1, [1], activations(2, [], 0), ["r"], [0, 0], [0, 1], [True, True])
         bad.batch.activations.data = bad.batch.activations.data[:-4]
         client.send(bad)
-        # A rejected reload (last good set stays), then an accepted one (version changes).
-        time.sleep(1.5)
+        # A rejected reload (last good set stays), then an accepted one (version changes): each
+        # waits for the sidecar to have seen the previous write, not for a time to pass.
+        version = metric_value(sidecar.metrics(), "featurewatch_rules_version")
         rules_path.write_text("rules: [{name: broken}]\n")
-        time.sleep(1.5)
+        wait_for(lambda: metric_value(sidecar.metrics(), "featurewatch_rule_reloads_total", result="error") >= 1,
+                 timeout=60, interval=0.1, what="the sidecar to refuse the broken rules file")
         rules_path.write_text(RULES.replace("above: 0.9", "above: 0.8"))
+        wait_for(lambda: metric_value(sidecar.metrics(), "featurewatch_rules_version") != version,
+                 timeout=60, interval=0.1, what="the sidecar to apply the fixed rules file")
 
         checks = {
             "reload error scraped": 'count_over_time(featurewatch_rule_reloads_total{result="error"}[1m])',
@@ -156,7 +160,12 @@ def test_every_dashboard_query_returns_data(tmp_path, redis_server):
         except AssertionError as exc:
             raise AssertionError(f"{exc}: still waiting for {pending}; traffic error {traffic.error!r}\n"
                                  f"sidecar log:\n{sidecar.log()[-3000:]}") from None
-        time.sleep(2)  # a few more scrapes with traffic flowing
+        # a few more scrapes with traffic flowing (counted, not waited for by the clock)
+        def scrapes() -> float:
+            result = prometheus.api("query", query="sum(count_over_time(featurewatch_rules_version[10m]))")["result"]
+            return float(result[0]["value"][1]) if result else 0.0
+        seen = scrapes()
+        wait_for(lambda: scrapes() >= seen + 3, timeout=60, interval=0.2, what="three more scrapes")
         traffic.stop_event.set()
         traffic.join(5)
         assert traffic.error is None, traffic.error
