@@ -64,7 +64,7 @@ class RedisProcess:
             "--logfile", str(self.dir / "redis.log"),
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(self.ping, timeout=10, what=f"redis-server on port {self.port}")
+        wait_for(self.ping, timeout=60, what=f"redis-server on port {self.port}")
 
     def ping(self) -> bool:
         try:

@@ -35,7 +35,7 @@ def directive_for(sc: SidecarProcess, request_id: str) -> pb.SteeringDirective:
         client.plan()
         client.start_request(request_id)
         client.send(PluginClient.batch(1, [1], planted(), [request_id], [0], [0], [True]))
-        return client.wait_for(lambda m: m.HasField("directive"), timeout=15).directive
+        return client.wait_for(lambda m: m.HasField("directive"), timeout=60).directive
     finally:
         client.close()
 

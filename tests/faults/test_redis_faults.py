@@ -73,12 +73,12 @@ def steered(client: PluginClient, request_id: str) -> pb.SteeringDirective:
     """One planted request; returns its directive (so the sidecar evaluated it with rules in force)."""
     client.start_request(request_id)
     client.send(PluginClient.batch(1, [1], planted(), [request_id], [0], [0], [True]))
-    return client.wait_for(lambda m: m.HasField("directive") and m.directive.request_id == request_id, timeout=20).directive
+    return client.wait_for(lambda m: m.HasField("directive") and m.directive.request_id == request_id, timeout=60).directive
 
 
 def tail(sc: SidecarProcess, last: int = 100) -> list[dict]:
     stub = pb_grpc.AdminStub(grpc.insecure_channel(sc.tcp_address))
-    return [json.loads(e.json) for e in stub.TailAlerts(pb.TailAlertsRequest(last=last), metadata=AUTH, timeout=20)]
+    return [json.loads(e.json) for e in stub.TailAlerts(pb.TailAlertsRequest(last=last), metadata=AUTH, timeout=60)]
 
 
 def assert_tail_unavailable(sc: SidecarProcess) -> None:

@@ -67,7 +67,7 @@ def test_alert_fires_and_steering_directive_comes_back(sidecar):
         np.testing.assert_allclose(np.frombuffer(action.clamp.decoder.data, np.float32), planted_direction(D), atol=1e-6)
         # The probe rule needs two tokens (the planted prompt token and the planted generated one).
         events = list(admin(sidecar.tcp_address).TailAlerts(pb.TailAlertsRequest(last=50), metadata=AUTH, timeout=10))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while sum(e.kind == "alert" for e in events) < 2 and time.monotonic() < deadline:
             time.sleep(0.2)
             events = list(admin(sidecar.tcp_address).TailAlerts(pb.TailAlertsRequest(last=50), metadata=AUTH, timeout=10))
@@ -113,7 +113,7 @@ def test_malformed_and_oversized_batches_are_rejected_counted_and_the_stream_goe
             ack = client.wait_for(lambda m, s=step: m.HasField("ack") and m.ack.step == s).ack
             assert ack.rejected_reason
         assert "oversized" in client.wait_for(lambda m: m.HasField("ack") and m.ack.step == 13).ack.rejected_reason
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             after = sidecar.metrics()
             if metric_value(after, "featurewatch_tokens_processed_total", scope="generated") >= \
@@ -139,7 +139,7 @@ def test_bad_rules_are_rejected_and_the_last_good_rules_keep_working(sidecar):
     # A broken rules file on disk: the reloader counts the error and keeps the rules in force.
     rules_file = sidecar.tmp / "rules.yaml"
     rules_file.write_text(RULES.replace(f"feature: {PLANTED_FEATURE}}}", "feature: 4096}", 1))
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while metric_value(sidecar.metrics(), "featurewatch_rule_reloads_total", result="error") < 1:
         assert time.monotonic() < deadline, "file reload error not counted"
         time.sleep(0.1)
@@ -178,7 +178,7 @@ def test_admin_requires_the_token_and_kill_switch_reaches_the_plugin(sidecar):
         client.send(PluginClient.batch(1, [1], rows(1, planted=[0]), ["killed-0-00000000"], [0], [0], [True]))
         # A fence, without timing: the stats are handled on the pipeline thread after the batch ...
         client.send(pb.PluginMessage(stats=pb.PluginStats(enqueue_count=1)))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while metric_value(sidecar.metrics(), "featurewatch_plugin_enqueued_batches_total", engine="killswitch") < 1:
             assert time.monotonic() < deadline, "stats not handled"
             time.sleep(0.05)
@@ -211,7 +211,7 @@ def test_plugin_counters_travel_on_the_stream_and_are_exported_as_increases(side
         for dropped, reconnects in ((3, 1), (5, 1)):  # cumulative, as the plugin reports them
             client.send(pb.PluginMessage(stats=pb.PluginStats(batches_dropped_queue_full=dropped, reconnects=reconnects,
                                                               enqueue_seconds_sum=0.5, enqueue_count=10, queue_depth=2)))
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60
         while metric_value(sidecar.metrics(), "featurewatch_plugin_batches_dropped_total", engine="7") < 5:
             assert time.monotonic() < deadline, "plugin stats not exported"
             time.sleep(0.1)
