@@ -210,7 +210,9 @@ class SteeringController:
             return None
         actions = self.resolve(actions)
         checked = [a for a in actions if action_is_finite(a)]
-        self.dropped_nonfinite += len(actions) - len(checked)
+        for _ in range(len(actions) - len(checked)):  # exported as steering_withheld_actions{reason="nonfinite"}
+            self.dropped_nonfinite += 1
+            self._withheld("nonfinite")
         if not checked:
             return None
         actions = checked

@@ -153,7 +153,8 @@ class SidecarMetrics:
                                    ["model_name", "layer"], registry=r)
         self.steering_withheld = Counter(p + "steering_withheld_actions", "Steering actions not sent, by reason "
                                          "(residual_norm_unknown: too little traffic measured on the layer yet; "
-                                         "out_of_bounds: the resolved scale is beyond the steering bound).",
+                                         "out_of_bounds: the resolved scale is beyond the steering bound; nonfinite: a value not finite "
+                                         "in float32).",
                                          ["reason"], registry=r)
         self.rules_source = Gauge(p + "rules_source", "Where the rules in force came from (always 1): source file (the "
                                   "rules_file, origin its path), admin (rules apply, origin the author) or none; store "

@@ -140,10 +140,12 @@ def test_the_steering_controller_drops_a_non_finite_action_and_counts_it(diction
     bad = pb.SteeringAction()
     bad.CopyFrom(good)
     bad.clamp.value = float("nan")
-    controller = SteeringController(True, "open")
+    withheld = []
+    controller = SteeringController(True, "open", on_withheld=withheld.append)
     directive = controller.directive("req-1", "r", 4, [bad, good])
     assert list(directive.actions) == [good] and controller.dropped_nonfinite == 1
     assert controller.directive("req-2", "r", 4, [bad]) is None and controller.dropped_nonfinite == 2
+    assert withheld == ["nonfinite", "nonfinite"]  # exported: steering_withheld_actions_total{reason}
 
 
 # ---------------------------------------------------------------- item 6: bounded YAML
