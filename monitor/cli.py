@@ -192,16 +192,22 @@ def alerts_tail(address: str = AddressOpt, token: Optional[str] = TokenOpt,
     printer = _EventPrinter(as_json)
     if redis_url:
         from monitor.stores.redis import RedisEventStore
+        from monitor.stores.redis.connection import safe_url
 
-        store = RedisEventStore(redis_url, prefix=prefix)
-        events = store.tail(last)
-        for e in events:
-            printer(e)
-        after = events[-1]["id"] if events else None
-        while follow:
-            for e in store.follow(after, 1000):
-                after = e["id"]
+        try:
+            store = RedisEventStore(redis_url, prefix=prefix)
+            events = store.tail(last)
+            for e in events:
                 printer(e)
+            after = events[-1]["id"] if events else None
+            while follow:
+                for e in store.follow(after, 1000):
+                    after = e["id"]
+                    printer(e)
+        except KeyboardInterrupt:
+            pass
+        except Exception as exc:  # Redis away or refusing: one line, no traceback
+            _fail(f"cannot read the event stream at {safe_url(redis_url)}: {type(exc).__name__}: {exc}", 1)
         return
     from monitor.protocol import pb
 
