@@ -22,7 +22,7 @@ logger = logging.getLogger("vllm.featurewatch")
 
 def register() -> None:
     """``vllm.general_plugins`` entry point. Safe to call more than once."""
-    from monitor.plugin import patches, state
+    from monitor.plugin import compat, patches, state
 
     try:
         patches.patch_worker_methods()
@@ -31,6 +31,13 @@ def register() -> None:
     cfg = state.config()
     if not cfg.enabled:
         logger.debug("featurewatch: FEATUREWATCH_ADDRESS unset; plugin loaded-idle")
+        return
+    if compat.idle_reason() is not None:
+        return
+    problem = compat.preflight()  # before anything on vLLM's paths is patched
+    if problem is not None:
+        compat.IDLE_REASON[0] = f"vLLM {compat.vllm_version()} not supported: {problem}"
+        logger.warning("featurewatch: idle, nothing patched: %s", compat.IDLE_REASON[0])
         return
     try:
         patches.patch_loaders()

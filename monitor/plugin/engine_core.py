@@ -13,6 +13,7 @@ import logging
 import os
 from pathlib import Path
 
+from monitor.plugin import failopen
 from monitor.plugin.config import ENV_ADDRESS
 from monitor.plugin.patches import _PATCHED, _wrap
 
@@ -26,16 +27,17 @@ _FINISHED: dict[str, tuple[str, int]] = {}  # engine core: finish reason, output
 
 
 def _wrap_free_request(orig):
-    def _free_request(self, request, *args, **kwargs):
+    def _free_request(self, *args, **kwargs):
         try:
+            request = failopen.arg(args, kwargs, 0, "request")
             reason = request.get_finished_reason()
             _FINISHED[request.request_id] = ("" if reason is None else str(reason),
                                              int(request.num_output_tokens))
             while len(_FINISHED) > 65536:
                 _FINISHED.pop(next(iter(_FINISHED)))
         except Exception:  # noqa: BLE001
-            pass
-        return orig(self, request, *args, **kwargs)
+            failopen.failed("_free_request")
+        return orig(self, *args, **kwargs)
 
     return _free_request
 
@@ -45,10 +47,13 @@ def _wrap_schedule(orig):
         out = orig(self, *args, **kwargs)
         # The worker learns that a request finished from the next SchedulerOutput; hand it the
         # reason and output length too (the output is pickled to workers with its __dict__).
-        fin = {rid: _FINISHED.pop(rid) for rid in getattr(out, "finished_req_ids", ())
-               if rid in _FINISHED}
-        if fin:
-            out.featurewatch_finished = fin
+        try:
+            fin = {rid: _FINISHED.pop(rid) for rid in getattr(out, "finished_req_ids", ())
+                   if rid in _FINISHED}
+            if fin:
+                out.featurewatch_finished = fin
+        except Exception:  # noqa: BLE001
+            failopen.failed("schedule")
         return out
 
     return schedule
@@ -122,31 +127,35 @@ def decide_request(ecr) -> None:
 
 
 def _wrap_from_ecr(orig):
-    def from_engine_core_request(cls, request, *args, **kwargs):
-        if os.environ.get(ENV_ADDRESS):
-            try:
-                decide_request(request)
-            except Exception:  # noqa: BLE001 - never fail a request for monitoring
-                logger.exception("featurewatch: request decision failed")
-        return orig(cls, request, *args, **kwargs)
+    def from_engine_core_request(cls, *args, **kwargs):
+        try:
+            if os.environ.get(ENV_ADDRESS):
+                decide_request(failopen.arg(args, kwargs, 0, "request"))
+        except Exception:  # noqa: BLE001 - never fail a request for monitoring
+            failopen.failed("from_engine_core_request")
+        return orig(cls, *args, **kwargs)
 
     return from_engine_core_request
 
 
 def _wrap_add_request(orig):
-    async def add_request(self, request_id, prompt, params, *args, **kwargs):
+    async def add_request(self, *args, **kwargs):
         # vLLM drops trace headers unless OTLP tracing is configured; keep the traceparent for
         # the sidecar (its spans are siblings of vLLM's under the same parent).
-        th = kwargs.get("trace_headers")
-        tp = th.get("traceparent") if th else None
-        if tp and getattr(params, "extra_args", "missing") != "missing" and \
-                type(params).__name__ == "SamplingParams":
-            from monitor.plugin.steering import PRIVATE_KEY
+        try:
+            params = failopen.arg(args, kwargs, 2, "params")
+            th = kwargs.get("trace_headers")
+            tp = th.get("traceparent") if th else None
+            if tp and getattr(params, "extra_args", "missing") != "missing" and \
+                    type(params).__name__ == "SamplingParams":
+                from monitor.plugin.steering import PRIVATE_KEY
 
-            extra = dict(params.extra_args or {})
-            extra[PRIVATE_KEY] = {**(extra.get(PRIVATE_KEY) or {}), "traceparent": tp}
-            params.extra_args = extra
-        return await orig(self, request_id, prompt, params, *args, **kwargs)
+                extra = dict(params.extra_args or {})
+                extra[PRIVATE_KEY] = {**(extra.get(PRIVATE_KEY) or {}), "traceparent": tp}
+                params.extra_args = extra
+        except Exception:  # noqa: BLE001
+            failopen.failed("add_request")
+        return await orig(self, *args, **kwargs)
 
     return add_request
 

@@ -64,6 +64,17 @@ class LayerHook:
         self.tap = tables.tap[slot]  # eager path only; traced code reads the module's buffers
 
     def __call__(self, module: nn.Module, args, output):
+        if torch.compiler.is_compiling():  # traced: no Python error handling in the graph
+            return self._apply(module, output)
+        try:
+            return self._apply(module, output)
+        except Exception:  # noqa: BLE001 - the layer's own output: vLLM's forward unchanged
+            from monitor.plugin import failopen
+
+            failopen.failed("layer_hook")
+            return output
+
+    def _apply(self, module: nn.Module, output):
         if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
             hidden, residual = output
             if residual is None:  # no deferred add: the first element is the stream

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
+from monitor.plugin import failopen
+
 logger = logging.getLogger("vllm.featurewatch")
 
 _MARK = "__featurewatch_wrapped__"
@@ -158,32 +160,47 @@ def _install(model, vllm_config, model_config, plan) -> None:
     rt.start()
 
 
-def _wrap_load_model(orig):
-    def load_model(self, vllm_config, model_config, *args, **kwargs):
-        from monitor.plugin import state
+def _prepare_load(vllm_config, model_config):
+    """The load plan, or None to load without the plugin (nested load, disabled, bad config)."""
+    from monitor.plugin import state
 
-        if getattr(_TLS, "loading", False) or model_config is not vllm_config.model_config:
-            return orig(self, vllm_config, model_config, *args, **kwargs)
-        state.reset_config()  # the environment at load time decides (one model per worker)
-        old = state.set_runtime(None)
-        if old is not None:
-            old.close()
-        if not state.config().enabled:
-            return orig(self, vllm_config, model_config, *args, **kwargs)
+    if getattr(_TLS, "loading", False) or model_config is not vllm_config.model_config:
+        return None
+    state.reset_config()  # the environment at load time decides (one model per worker)
+    old = state.set_runtime(None)
+    if old is not None:
+        old.close()
+    if not state.config().enabled:
+        return None
+    try:
+        return _plan_load(vllm_config, model_config)
+    except Exception:  # noqa: BLE001 - a bad plugin setting must not stop vLLM
+        logger.exception("featurewatch: bad configuration; serving without the plugin")
+        return None
+
+
+def _wrap_load_model(orig):
+    def load_model(self, *args, **kwargs):
+        # (self, *args, **kwargs): whatever vLLM passes reaches ``orig`` unchanged
+        plan = None
         try:
-            plan = _plan_load(vllm_config, model_config)
-        except Exception:  # noqa: BLE001 - a bad plugin setting must not stop vLLM
-            logger.exception("featurewatch: bad configuration; serving without the plugin")
-            return orig(self, vllm_config, model_config, *args, **kwargs)
+            vllm_config = failopen.arg(args, kwargs, 0, "vllm_config")
+            model_config = failopen.arg(args, kwargs, 1, "model_config")
+            plan = _prepare_load(vllm_config, model_config)
+        except Exception:  # noqa: BLE001
+            failopen.failed("load_model")
+        if plan is None:
+            return orig(self, *args, **kwargs)
         _TLS.loading = True
         try:
-            model = orig(self, vllm_config, model_config, *args, **kwargs)
+            model = orig(self, *args, **kwargs)
         finally:
             _TLS.loading = False
         try:
             _install(model, vllm_config, model_config, plan)
-        except Exception:
+        except Exception:  # noqa: BLE001
             logger.exception("featurewatch: could not install hooks; serving without the plugin")
+            failopen.failed("load_model.install")
         return model
 
     return load_model
@@ -217,15 +234,31 @@ def _v1_labels(runner):
                       int(qsl[num_reqs]))
 
 
+# Every wrapper below runs vLLM's original whatever the plugin's part does: a failure of the
+# plugin's part is counted (failopen.failed) and leaves the step unsteered and untapped; only
+# vLLM's own exceptions propagate. Signatures are (self, *args, **kwargs) so that a renamed
+# parameter reaches the original as vLLM passed it.
+
+
+def _abort(rt) -> None:
+    try:
+        rt.abort_forward()
+    except Exception:  # noqa: BLE001 - vLLM's own exception is the one to propagate
+        failopen.failed("abort_forward")
+
+
 def _wrap_v1_execute(orig):
-    def execute_model(self, scheduler_output, *args, **kwargs):
+    def execute_model(self, *args, **kwargs):
         from monitor.plugin.state import RUNTIME
 
         rt = RUNTIME[0]
         if rt is not None:
-            rt.runner_kind = "v1"
-            rt.pre_step(scheduler_output)
-        return orig(self, scheduler_output, *args, **kwargs)
+            try:
+                rt.runner_kind = "v1"
+                rt.pre_step(failopen.arg(args, kwargs, 0, "scheduler_output"))
+            except Exception:  # noqa: BLE001
+                failopen.failed("execute_model", rt)
+        return orig(self, *args, **kwargs)
 
     return execute_model
 
@@ -237,33 +270,49 @@ def _wrap_v1_forward(orig):
         rt = RUNTIME[0]
         if rt is None:
             return orig(self, *args, **kwargs)
-        rt.before_forward(_v1_labels(self))
+        try:
+            rt.before_forward(_v1_labels(self))
+        except Exception:  # noqa: BLE001
+            failopen.failed("_model_forward", rt)
+            return orig(self, *args, **kwargs)
         try:
             out = orig(self, *args, **kwargs)
         except BaseException:
-            rt.abort_forward()
+            _abort(rt)
             raise
-        rt.after_forward()
+        try:
+            rt.after_forward()
+        except Exception:  # noqa: BLE001
+            failopen.failed("_model_forward.after", rt)
         return out
 
     return _model_forward
 
 
 def _wrap_v2_execute(orig):
-    def execute_model(self, scheduler_output, *args, **kwargs):
+    def execute_model(self, *args, **kwargs):
         from monitor.plugin.state import RUNTIME
 
         rt = RUNTIME[0]
-        if rt is None or kwargs.get("dummy_run", False) or (len(args) > 1 and args[1]):
-            return orig(self, scheduler_output, *args, **kwargs)
-        rt.runner_kind = "v2"
-        rt.pre_step(scheduler_output)
         try:
-            out = orig(self, scheduler_output, *args, **kwargs)
+            skip = rt is None or bool(failopen.arg(args, kwargs, 2, "dummy_run", False))
+            if not skip:
+                rt.runner_kind = "v2"
+                rt.pre_step(failopen.arg(args, kwargs, 0, "scheduler_output"))
+        except Exception:  # noqa: BLE001
+            failopen.failed("execute_model", rt)
+            skip = True
+        if skip:
+            return orig(self, *args, **kwargs)
+        try:
+            out = orig(self, *args, **kwargs)
         except BaseException:
-            rt.abort_forward()
+            _abort(rt)
             raise
-        rt.after_forward()
+        try:
+            rt.after_forward()
+        except Exception:  # noqa: BLE001
+            failopen.failed("execute_model.after", rt)
         return out
 
     return execute_model
@@ -277,10 +326,14 @@ def _wrap_v2_prepare(orig):
         ib = orig(self, *args, **kwargs)
         rt = RUNTIME[0]
         if rt is not None:
-            n = ib.num_reqs
-            rt.before_forward(StepLabels(
-                list(ib.req_ids[:n]), np.array(ib.query_start_loc_np[: n + 1], dtype=np.int64),
-                np.array(ib.num_computed_tokens_np[:n], dtype=np.int64), int(ib.num_tokens)))
+            try:
+                n = ib.num_reqs
+                rt.before_forward(StepLabels(
+                    list(ib.req_ids[:n]),
+                    np.array(ib.query_start_loc_np[: n + 1], dtype=np.int64),
+                    np.array(ib.num_computed_tokens_np[:n], dtype=np.int64), int(ib.num_tokens)))
+            except Exception:  # noqa: BLE001
+                failopen.failed("prepare_inputs", rt)
         return ib
 
     return prepare_inputs
@@ -293,15 +346,18 @@ def _wrap_warmup(orig):
 
         out = orig(self, *args, **kwargs)
         rt = RUNTIME[0]
-        if rt is not None and rt.cfg.selftest and rt.selftest.get("status") == "pending":
-            rt.selftest = {"status": "running"}
-            try:
-                rt.selftest = run_selftest(rt, self.model_runner)
-            except Exception as e:  # noqa: BLE001
-                logger.exception("featurewatch: self-test crashed")
-                rt.selftest = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        elif rt is not None and not rt.cfg.selftest:
-            rt.selftest = {"status": "skipped"}
+        try:
+            if rt is not None and rt.cfg.selftest and rt.selftest.get("status") == "pending":
+                rt.selftest = {"status": "running"}
+                try:
+                    rt.selftest = run_selftest(rt, self.model_runner)
+                except Exception as e:  # noqa: BLE001
+                    logger.exception("featurewatch: self-test crashed")
+                    rt.selftest = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+            elif rt is not None and not rt.cfg.selftest:
+                rt.selftest = {"status": "skipped"}
+        except Exception:  # noqa: BLE001
+            failopen.failed("compile_or_warm_up_model", rt)
         return out
 
     return compile_or_warm_up_model
@@ -341,14 +397,23 @@ def _patch_worker_side() -> None:
 def featurewatch_status(self) -> dict:
     from monitor.plugin import __version__, state
 
+    from monitor.plugin import compat, failopen
+
     rt = state.RUNTIME[0]
     if rt is None:
         cfg = state.config()
-        return {"enabled": False, "version": __version__,
-                "reason": "FEATUREWATCH_ADDRESS unset (loaded-idle)" if not cfg.enabled
-                else "no hooks installed in this worker"}
-    out = rt.status()
-    out["version"] = __version__
+        idle = compat.idle_reason()
+        reason = ("FEATUREWATCH_ADDRESS unset (loaded-idle)" if not cfg.enabled
+                  else idle or "no hooks installed in this worker")
+        out = {"enabled": False, "version": __version__, "reason": reason}
+        if idle is not None:
+            out["idle_reason"] = idle
+    else:
+        out = rt.status()
+        out["version"] = __version__
+    out["vllm_version"] = compat.vllm_version()
+    out["vllm_supported"] = compat.supported_range()
+    out["wrapper_errors"] = failopen.errors()
     return out
 
 
