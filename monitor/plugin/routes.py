@@ -136,8 +136,20 @@ def _summary(workers: list[dict]) -> dict:
         "selftest": sorted({(w.get("selftest") or {}).get("status", "?") for w in enabled}),
         "steered_requests": sorted({rid for w in enabled
                                     for rid in (w.get("steering") or {}).get("requests", {})}),
+        # why the plugin is idle (preflight: vLLM version or internals differ), and the
+        # failures wrappers fell back from: vLLM kept serving either way
+        "idle_reason": next((w["idle_reason"] for w in workers if w.get("idle_reason")), None),
+        "wrapper_errors": _sum_counts(w.get("wrapper_errors") for w in workers),
         "workers": workers,
     }
+
+
+def _sum_counts(dicts) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for d in dicts:
+        for k, v in (d or {}).items():
+            out[k] = out.get(k, 0) + int(v)
+    return out
 
 
 def _public(summary: dict) -> dict:

@@ -236,3 +236,17 @@ def test_v2_execute_with_a_failing_pre_step_serves_and_skips_the_step(rt, monkey
     assert Runner().execute_model(types.SimpleNamespace(), None, False) == "out"
     assert failopen.errors() == {"execute_model": 1} and after == []
     assert np.all(rt.tables.steer_idx.numpy() == 0)
+
+
+def test_status_summary_says_why_idle_and_sums_wrapper_errors():
+    from monitor.plugin.routes import _public, _summary
+
+    workers = [{"enabled": False, "idle_reason": "vLLM 0.33.0 not supported: x",
+                "wrapper_errors": {}},
+               {"enabled": True, "sends": True, "connected": True,
+                "wrapper_errors": {"execute_model": 2, "layer_hook": 1}},
+               {"enabled": True, "sends": False, "wrapper_errors": {"execute_model": 1}}]
+    s = _summary(workers)
+    assert s["idle_reason"] == "vLLM 0.33.0 not supported: x"
+    assert s["wrapper_errors"] == {"execute_model": 3, "layer_hook": 1}
+    assert "idle_reason" not in _public(s)  # without the key: booleans only
