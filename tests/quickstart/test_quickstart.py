@@ -217,8 +217,10 @@ def test_the_readme_add_on_a_topk_feature_keeps_the_output_fluent(served):
         {"scale": add["scale"], "scale_unit": add["scale_unit"]}  # the page uses the README's values
     plain = {p: served.complete(p) for p in PROMPTS}  # also the traffic the residual norm is measured on
     norm = wait_for(lambda: served.metric("featurewatch_residual_norm", layer=str(LAYER)), "the residual norm")
-    ref = float(np.median(a.layer_acts(a.tokenizer(PROMPTS[0]).input_ids).norm(dim=-1)))
-    assert norm == pytest.approx(ref, rel=0.05)
+    # the sidecar's sampled median sits inside the middle half of layer 1's residual norms (HF, the
+    # same traffic); layer 0's (~2.7) and the final norm's output (~9.7) would not
+    ref = np.concatenate([a.layer_acts(o["prompt_ids"] + o["ids"][:-1]).norm(dim=-1).numpy() for o in plain.values()])
+    assert np.percentile(ref, 25) <= norm <= np.percentile(ref, 75), (norm, np.percentile(ref, [25, 50, 75]))
     wait_for(lambda: {"acme", "wreck"} <= set(served.plugin_status()["workers"][0]["plan"]["policies"]),
              "the policies in the plugin's plan (once the norm is known)")
 
