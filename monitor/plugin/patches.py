@@ -294,16 +294,13 @@ def _wrap_v2_execute(orig):
         from monitor.plugin.state import RUNTIME
 
         rt = RUNTIME[0]
+        if rt is None or failopen.arg(args, kwargs, 2, "dummy_run", False):
+            return orig(self, *args, **kwargs)  # dummy runs (capture, warm-up) are not steps
         try:
-            skip = rt is None or bool(failopen.arg(args, kwargs, 2, "dummy_run", False))
-            if not skip:
-                rt.runner_kind = "v2"
-                rt.pre_step(failopen.arg(args, kwargs, 0, "scheduler_output"))
-        except Exception:  # noqa: BLE001
+            rt.runner_kind = "v2"
+            rt.pre_step(failopen.arg(args, kwargs, 0, "scheduler_output"))
+        except Exception:  # noqa: BLE001 - the step still runs (and completes) as usual
             failopen.failed("execute_model", rt)
-            skip = True
-        if skip:
-            return orig(self, *args, **kwargs)
         try:
             out = orig(self, *args, **kwargs)
         except BaseException:
