@@ -34,7 +34,8 @@ def register() -> None:
         return
     if compat.idle_reason() is not None:
         return
-    problem = compat.preflight()  # before anything on vLLM's paths is patched
+    problem = None if compat.PASSED[0] else compat.preflight()  # before anything is patched
+    compat.PASSED[0] = problem is None
     if problem is not None:
         compat.IDLE_REASON[0] = f"vLLM {compat.vllm_version()} not supported: {problem}"
         logger.warning("featurewatch: idle, nothing patched: %s", compat.IDLE_REASON[0])

@@ -21,6 +21,7 @@ SUPPORTED_MIN = (0, 28, 0)  # inclusive
 SUPPORTED_BELOW = (0, 33, 0)  # exclusive
 
 IDLE_REASON: list[str | None] = [None]  # set by register() when the preflight fails
+PASSED: list[bool] = [False]  # register() ran it and patched: not re-run on our own wrappers
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def _version_problem(version: str) -> str | None:
 
 def _params(fn) -> list[str] | None:
     try:
-        sig = inspect.signature(fn)
+        sig = inspect.signature(fn)  # follows __wrapped__: vLLM's own, when already patched
     except (TypeError, ValueError):
         return None
     return [p.name for p in sig.parameters.values()

@@ -51,6 +51,7 @@ def _wrap(cls, name: str, make):
         return
     if isinstance(orig, classmethod):
         fn = make(orig.__func__)
+        functools.update_wrapper(fn, orig.__func__)  # the signature stays vLLM's (compat.py)
         setattr(fn, _MARK, True)
         setattr(cls, name, classmethod(fn))
         return

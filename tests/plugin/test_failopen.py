@@ -250,3 +250,20 @@ def test_status_summary_says_why_idle_and_sums_wrapper_errors():
     assert s["idle_reason"] == "vLLM 0.33.0 not supported: x"
     assert s["wrapper_errors"] == {"execute_model": 3, "layer_hook": 1}
     assert "idle_reason" not in _public(s)  # without the key: booleans only
+
+
+def test_preflight_sees_through_the_plugins_own_wrappers(monkeypatch):
+    """A second register() (or a process already patched) must not read our own wrappers'
+    (cls, *args, **kwargs) as a changed vLLM."""
+    import inspect
+
+    from vllm.v1.request import Request
+
+    from monitor.plugin.engine_core import _wrap_from_ecr
+
+    vllms = inspect.unwrap(Request.__dict__["from_engine_core_request"].__func__)
+    monkeypatch.setattr(Request, "from_engine_core_request", classmethod(vllms))
+    patches._wrap(Request, "from_engine_core_request", _wrap_from_ecr)
+    assert getattr(Request.__dict__["from_engine_core_request"].__func__,
+                   "__featurewatch_wrapped__", False)
+    assert compat.preflight() is None
