@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from monitor.evaluate.loader import MAX_BYTES, decode_utf8, load_yaml, read_regular_file, shorten
+from monitor.evaluate.loader import MAX_BYTES, decode_utf8, load_yaml, shorten
+from monitor.files import read_regular_file
 
 
 class _Strict(BaseModel):

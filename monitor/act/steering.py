@@ -15,7 +15,8 @@ from typing import Sequence
 
 import numpy as np
 
-from monitor.evaluate.loader import clip, read_regular_file
+from monitor.evaluate.loader import clip
+from monitor.files import read_regular_file
 from monitor.act.units import RelativeAdd, ResidualNorms
 from monitor.evaluate.rules import MAX_STEER, SteerSpec
 from monitor.protocol import pb

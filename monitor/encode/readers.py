@@ -23,6 +23,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from monitor.files import read_regular_file
+
 from .checks import check_tensors
 from .errors import SAEFormatError, clean
 
@@ -40,11 +42,12 @@ def regular_file(path: Path, what: str) -> None:
 def read_json(path: Path, what: str = "config file") -> dict[str, Any]:
     """A JSON object from a small config file."""
     regular_file(path, what)
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise SAEFormatError(path, f"{what} is {size} bytes, over the {MAX_CONFIG_BYTES}-byte limit")
     try:
-        cfg = json.loads(path.read_bytes().decode("utf-8"))
+        data = read_regular_file(path, MAX_CONFIG_BYTES)  # bounded, and never blocks on a swapped-in FIFO
+    except ValueError as e:
+        raise SAEFormatError(path, f"{what} refused ({e})") from None
+    try:
+        cfg = json.loads(data.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise SAEFormatError(path, f"unreadable JSON {what} ({e})") from None
     except RecursionError:

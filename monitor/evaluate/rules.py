@@ -14,7 +14,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
-from monitor.evaluate.loader import MAX_BYTES, YamlRefused, clip, decode_utf8, load_yaml, read_regular_file, shorten
+from monitor.evaluate.loader import MAX_BYTES, YamlRefused, clip, decode_utf8, load_yaml, shorten
+from monitor.files import read_regular_file
 
 NAME = r"^[a-zA-Z_][a-zA-Z0-9_\-]*$"
 Name = Annotated[str, Field(pattern=NAME, max_length=128)]
