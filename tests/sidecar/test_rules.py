@@ -5,23 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from monitor.config import SourceConfig
-from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import compile_rules
 from monitor.evaluate.rules import RulesInvalid, parse_rules
 from monitor.evaluate.state import LayerBatch, RequestInfo, RequestTable, ema_trace, segmented_ema
-from tests.support.dictionaries import PLANTED_FEATURE, planted_direction, write_probe_bank, write_saelens_jumprelu
+from tests.support.dictionaries import PLANTED_FEATURE, planted_direction
 
 D = 64
-
-
-@pytest.fixture(scope="module")
-def dictionaries(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dicts")
-    return Dictionaries([
-        SourceConfig(name="sae", kind="sae", layer=1, path=write_saelens_jumprelu(tmp / "sae", D)),
-        SourceConfig(name="probes", kind="probes", layer=1, path=write_probe_bank(tmp / "p.safetensors", D)),
-    ])
 
 
 def test_schema_errors_name_file_rule_and_field():

@@ -17,25 +17,14 @@ import pytest
 from safetensors.numpy import save_file
 
 from monitor.act.steering import SteeringController, build_steering_action
-from monitor.config import SourceConfig
-from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import compile_rules
 from monitor.evaluate.rules import ClampSpec, RulesInvalid, SteerSpec, parse_rules
 from monitor.protocol import pb
-from tests.support.dictionaries import PLANTED_FEATURE, planted_direction, write_probe_bank, write_saelens_jumprelu
+from tests.support.dictionaries import PLANTED_FEATURE, planted_direction
 from tests.support.sidecar import fixture_config
 
 D = 64
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def dictionaries(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dicts")
-    return Dictionaries([
-        SourceConfig(name="sae", kind="sae", layer=1, path=write_saelens_jumprelu(tmp / "sae", D)),
-        SourceConfig(name="probes", kind="probes", layer=1, path=write_probe_bank(tmp / "p.safetensors", D)),
-    ])
 
 
 def refusal(text: str, file: str = "rules.yaml") -> str:
