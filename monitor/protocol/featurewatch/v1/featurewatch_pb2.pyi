@@ -60,7 +60,7 @@ class Hello(_message.Message):
     def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., available_layers: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., plugin_version: _Optional[str] = ..., engine: _Optional[str] = ..., tp_rank: _Optional[int] = ..., instance: _Optional[str] = ..., max_tokens_per_step: _Optional[int] = ...) -> None: ...
 
 class ActivationBatch(_message.Message):
-    __slots__ = ("step", "layers", "activations", "request_ids", "token_request_index", "positions", "is_generated", "captured_unix_s")
+    __slots__ = ("step", "layers", "activations", "request_ids", "token_request_index", "positions", "is_generated", "captured_unix_s", "token_ids")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class ActivationBatch(_message.Message):
     POSITIONS_FIELD_NUMBER: _ClassVar[int]
     IS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     CAPTURED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     step: int
     layers: _containers.RepeatedScalarFieldContainer[int]
     activations: Tensor
@@ -77,7 +78,8 @@ class ActivationBatch(_message.Message):
     positions: _containers.RepeatedScalarFieldContainer[int]
     is_generated: _containers.RepeatedScalarFieldContainer[bool]
     captured_unix_s: float
-    def __init__(self, step: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_request_index: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., is_generated: _Optional[_Iterable[bool]] = ..., captured_unix_s: _Optional[float] = ...) -> None: ...
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_request_index: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., is_generated: _Optional[_Iterable[bool]] = ..., captured_unix_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class RequestStart(_message.Message):
     __slots__ = ("request_id", "api_request_id", "metadata", "traceparent", "prompt_tokens", "cached_prompt_tokens", "started_unix_s", "steering_policy")
@@ -117,7 +119,21 @@ class RequestFinish(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., generated_tokens: _Optional[int] = ..., finish_reason: _Optional[str] = ...) -> None: ...
 
 class PluginStats(_message.Message):
-    __slots__ = ("batches_enqueued", "batches_dropped_queue_full", "batches_sent", "tokens_tapped", "enqueue_seconds_sum", "enqueue_count", "reconnects", "cached_prompt_tokens_untapped", "steering_rows_applied", "directives_rejected", "queue_depth", "queue_capacity")
+    __slots__ = ("batches_enqueued", "batches_dropped_queue_full", "batches_sent", "tokens_tapped", "enqueue_seconds_sum", "enqueue_count", "reconnects", "cached_prompt_tokens_untapped", "steering_rows_applied", "directives_rejected", "queue_depth", "queue_capacity", "policy_tokens_steered", "rule_tokens_steered")
+    class PolicyTokensSteeredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class RuleTokensSteeredEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     BATCHES_ENQUEUED_FIELD_NUMBER: _ClassVar[int]
     BATCHES_DROPPED_QUEUE_FULL_FIELD_NUMBER: _ClassVar[int]
     BATCHES_SENT_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +146,8 @@ class PluginStats(_message.Message):
     DIRECTIVES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
     QUEUE_CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    POLICY_TOKENS_STEERED_FIELD_NUMBER: _ClassVar[int]
+    RULE_TOKENS_STEERED_FIELD_NUMBER: _ClassVar[int]
     batches_enqueued: int
     batches_dropped_queue_full: int
     batches_sent: int
@@ -142,7 +160,9 @@ class PluginStats(_message.Message):
     directives_rejected: int
     queue_depth: int
     queue_capacity: int
-    def __init__(self, batches_enqueued: _Optional[int] = ..., batches_dropped_queue_full: _Optional[int] = ..., batches_sent: _Optional[int] = ..., tokens_tapped: _Optional[int] = ..., enqueue_seconds_sum: _Optional[float] = ..., enqueue_count: _Optional[int] = ..., reconnects: _Optional[int] = ..., cached_prompt_tokens_untapped: _Optional[int] = ..., steering_rows_applied: _Optional[int] = ..., directives_rejected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ...) -> None: ...
+    policy_tokens_steered: _containers.ScalarMap[str, int]
+    rule_tokens_steered: _containers.ScalarMap[str, int]
+    def __init__(self, batches_enqueued: _Optional[int] = ..., batches_dropped_queue_full: _Optional[int] = ..., batches_sent: _Optional[int] = ..., tokens_tapped: _Optional[int] = ..., enqueue_seconds_sum: _Optional[float] = ..., enqueue_count: _Optional[int] = ..., reconnects: _Optional[int] = ..., cached_prompt_tokens_untapped: _Optional[int] = ..., steering_rows_applied: _Optional[int] = ..., directives_rejected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., policy_tokens_steered: _Optional[_Mapping[str, int]] = ..., rule_tokens_steered: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PluginMessage(_message.Message):
     __slots__ = ("hello", "batch", "request_start", "request_finish", "stats")
