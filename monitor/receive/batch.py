@@ -42,6 +42,7 @@ class DecodedBatch:
     captured_unix_s: float
     nbytes: int
     dropped: dict[str, int] = field(default_factory=dict)  # token rows left out, by reason
+    token_ids: np.ndarray | None = None  # [N] int64 vocabulary ids; None from plugins that send none
 
     @property
     def n_tokens(self) -> int:
@@ -84,6 +85,8 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
     if not (len(msg.token_request_index) == len(msg.positions) == len(msg.is_generated) == n_tokens):
         raise BatchRejected("malformed", f"label lengths {len(msg.token_request_index)}/{len(msg.positions)}/"
                             f"{len(msg.is_generated)} differ from {n_tokens} tokens")
+    if len(msg.token_ids) not in (0, n_tokens):
+        raise BatchRejected("malformed", f"{len(msg.token_ids)} token ids for {n_tokens} tokens")
     if len(msg.request_ids) > max_tokens:  # a step never has more requests than tokens it may carry
         raise BatchRejected("oversized", f"{len(msg.request_ids)} request ids > limit {max_tokens}")
     token_request = np.array(msg.token_request_index, dtype=np.int64)
@@ -91,6 +94,7 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
         raise BatchRejected("malformed", f"token request index {int(token_request.max())} >= {len(msg.request_ids)} request ids")
     positions = np.array(msg.positions, dtype=np.uint64)  # uint64 on the wire: convert only once in range
     generated = np.array(msg.is_generated, dtype=bool)
+    token_ids = np.array(msg.token_ids, dtype=np.int64) if len(msg.token_ids) else None
     activations = torch.frombuffer(data, dtype=dtype).view(n_layers, n_tokens, d) if nbytes else torch.empty(shape, dtype=dtype)
     dropped = {}
     limit = min(max_position, POSITION_CEILING)
@@ -104,10 +108,11 @@ def decode_batch(msg: pb.ActivationBatch, d_model: int, allowed_layers: set[int]
         dropped["position"] = int(bad.sum())
         activations = activations[:, torch.from_numpy(keep)]  # a copy, only on this rare path
         token_request, positions, generated = token_request[keep], positions[keep], generated[keep]
+        token_ids = None if token_ids is None else token_ids[keep]
     return DecodedBatch(
         step=msg.step, layers=list(msg.layers), activations=activations, request_ids=list(msg.request_ids),
         token_request=token_request, positions=positions.astype(np.int64), generated=generated,
-        captured_unix_s=msg.captured_unix_s, nbytes=nbytes, dropped=dropped,
+        captured_unix_s=msg.captured_unix_s, nbytes=nbytes, dropped=dropped, token_ids=token_ids,
     )
 
 
@@ -124,6 +129,7 @@ class BatchGroup:
     positions: np.ndarray
     generated: np.ndarray
     captured_unix_s: float  # the oldest part's
+    token_ids: np.ndarray | None = None  # merged like the labels; None unless every part has them
 
     @classmethod
     def of(cls, parts: list[DecodedBatch]) -> "BatchGroup":
@@ -136,4 +142,6 @@ class BatchGroup:
         return cls(parts=parts, layers=parts[0].layers, request_ids=list(ids), token_request=np.concatenate(remapped),
                    positions=np.concatenate([b.positions for b in parts]),
                    generated=np.concatenate([b.generated for b in parts]),
-                   captured_unix_s=min(captured) if captured else 0.0)
+                   captured_unix_s=min(captured) if captured else 0.0,
+                   token_ids=None if any(b.token_ids is None for b in parts)
+                   else np.concatenate([b.token_ids for b in parts]))
