@@ -211,7 +211,9 @@ class Runtime:
             steering_rows_applied=c.steering_rows_applied,
             directives_rejected=c.directives_rejected,
             queue_depth=self.client.queue_depth if self.client else 0,
-            queue_capacity=self.cfg.queue_batches)
+            queue_capacity=self.cfg.queue_batches,
+            policy_tokens_steered=self.steering.steered.policies.copy(),
+            rule_tokens_steered=self.steering.steered.rules.copy())
 
     # ------------------------------------------------------------ forward thread
 
@@ -253,7 +255,9 @@ class Runtime:
 
     def _collect_nonfinite(self) -> None:
         """Read the guard's flags; on TP rank 0, queue the drop for every rank (next step)."""
-        rows, keys = self.guard.collect()
+        rows, keys, steered = self.guard.collect()
+        if steered:
+            self.steering.steered.add(steered)
         if not rows or not self.sends:
             return
         self.counters.steering_nonfinite_rows += rows
@@ -361,16 +365,17 @@ class Runtime:
         self.steering.table.flush()
         n = labels.num_tokens
         rows = None
+        sources: dict[int, dict[str, int]] = {}  # row -> {policy/directive: tokens}
         if self.steering.active and n:
-            req_index = {rid: i for i, rid in enumerate(labels.req_ids)}
-            rows = self.steering.rows_for_step(req_index, labels.qsl, labels.positions, n)
-        if rows is not None:
             n = min(n, self.tables.max_tokens)
-            rows = rows[:n]
+            req_index = {rid: i for i, rid in enumerate(labels.req_ids)}
+            rows = self.steering.rows_for_step(req_index, labels.qsl, labels.positions, n,
+                                               sources)
+        if rows is not None:
             self.counters.steering_rows_applied += int(np.count_nonzero(rows))
             self._write_idx(rows, max(n, self._idx_dirty))
             self._idx_dirty = n
-            self.guard.note_step(rows, self.steering.table.row_keys)
+            self.guard.note_step(rows, self.steering.table.row_keys, sources)
             self._live = True
             ops.set_step_live(True)
         else:
@@ -406,6 +411,7 @@ class Runtime:
     def abort_forward(self) -> None:
         self._labels = None
         self._live = False
+        self.guard.abort_step()
         ops.set_step_live(False)
 
     def after_forward(self) -> None:

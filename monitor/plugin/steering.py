@@ -24,6 +24,7 @@ from monitor.plugin.actions import (
     parse_action,
     policy_hash,
 )
+from monitor.plugin.guard import SteeredTokens
 from monitor.plugin.table import SteeringTable, TableFull
 from monitor.protocol import pb
 
@@ -82,6 +83,9 @@ class RequestSteering:
     # source key -> (from_position, actions); keys "policy:<name>", "directive:<rule>"
     sources: dict[str, tuple[int, tuple[Action, ...]]] = field(default_factory=dict)
     segments: list[tuple[int, tuple[Action, ...], int]] = field(default_factory=list)
+    # per segment: the sources that steer its tokens (an action on a hooked layer), for the
+    # tokens-steered counts (SteeredTokens)
+    seg_sources: list[tuple[str, ...]] = field(default_factory=list)
     starts: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
@@ -143,6 +147,7 @@ class SteeringState:
         self.policies: dict[str, Policy] = {}
         self.requests: dict[str, RequestSteering] = {}
         self.local_override: bool | None = None  # /featurewatch/steering (kill switch, local)
+        self.steered = SteeredTokens()  # tokens actually steered, per policy and rule
 
     # -- plan / connection
 
@@ -272,9 +277,13 @@ class SteeringState:
             for _, program, _ in segs:
                 self.table.release(program)
             return True
+        hooked = self.table.slot_of_layer
         self.requests[req_id] = RequestSteering(
             sources=sources,
             segments=segs,
+            seg_sources=[tuple(sorted(k for k, (fp, acts) in sources.items()
+                                      if fp <= s and any(a.layer in hooked for a in acts)))
+                         for s, _, _ in segs],
             starts=np.array([s for s, _, _ in segs], dtype=np.int64),
             rows=np.array([r for _, _, r in segs], dtype=np.int64),
         )
@@ -305,8 +314,10 @@ class SteeringState:
     # -- per step
 
     def rows_for_step(self, req_index: dict[str, int], qsl: np.ndarray, positions: np.ndarray,
-                      n: int) -> np.ndarray | None:
-        """Per-token steering rows for this step, or None when no token is steered."""
+                      n: int, sources: dict | None = None) -> np.ndarray | None:
+        """Per-token steering rows for the step's first ``n`` tokens, or None when no token is
+        steered. ``sources``, when given, is filled with ``row -> {source key: tokens}``: which
+        policies and directives the step's steered tokens run (the tokens-steered counts)."""
         if not self.active:
             return None
         out = None
@@ -314,7 +325,7 @@ class SteeringState:
             i = req_index.get(rid)
             if i is None or not rs.segments:
                 continue
-            a, b = int(qsl[i]), int(qsl[i + 1])
+            a, b = int(qsl[i]), min(int(qsl[i + 1]), n)
             if a >= b:
                 continue
             k = np.searchsorted(rs.starts, positions[a:b], side="right") - 1
@@ -322,6 +333,14 @@ class SteeringState:
             if out is None:
                 out = np.zeros(n, dtype=np.int64)
             out[a:b] = rows
+            if sources is not None:
+                per_seg = np.bincount(k[k >= 0], minlength=len(rs.segments)).tolist()
+                for j, count in enumerate(per_seg):
+                    row = int(rs.rows[j])
+                    if count and row:
+                        into = sources.setdefault(row, {})
+                        for key in rs.seg_sources[j]:
+                            into[key] = into.get(key, 0) + count
         if out is None or not out.any():
             return None
         return out
@@ -336,6 +355,7 @@ class SteeringState:
             "rows_capacity": self.table.t.rows - 1,
             "max_norm": self.limits.max_norm,
             "recent_rejections": list(self.rejections),
+            "tokens_steered": self.steered.snapshot(),
             "requests": {
                 rid: {"sources": sorted(rs.sources),
                       "segments": [[s, row] for s, _, row in rs.segments]}
