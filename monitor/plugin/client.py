@@ -76,6 +76,7 @@ class BatchItem:
     positions: np.ndarray
     is_generated: np.ndarray
     captured_unix_s: float
+    token_ids: torch.Tensor | None = None  # [n] the forward's input ids of these tokens (host)
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -91,6 +92,9 @@ class BatchItem:
             host = host.view(torch.int16)
         arr = host.numpy()
         L, n, d = arr.shape
+        ids = token_ids_of(self.token_ids)
+        if ids is not None and len(ids) != n:
+            ids = None
         per_token = max(1, L * d * arr.itemsize)
         chunk = n if max_bytes <= 0 else max(1, min(n, max_bytes // per_token))
         for a in range(0, n, chunk):
@@ -107,10 +111,22 @@ class BatchItem:
                 positions=self.positions[a:b].tolist(),
                 is_generated=self.is_generated[a:b].tolist(),
                 captured_unix_s=self.captured_unix_s,
+                token_ids=ids[a:b].tolist() if ids is not None else (),
             ).SerializeToString()
             head = pb.Tensor(dtype=dtype, shape=[L, b - a, d]).SerializeToString()
             data = memoryview(np.ascontiguousarray(arr[:, a:b])).cast("B")
             yield encode_batch(meta, head, data)
+
+
+def token_ids_of(ids: torch.Tensor | None) -> np.ndarray | None:
+    """The ids as the wire's uint32 takes them, or None (sent as none) if any is out of range:
+    the ids are labels, a bad one must not end the stream."""
+    if ids is None:
+        return None
+    a = ids.numpy()
+    if a.size and (int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF):
+        return None
+    return a
 
 
 def _varint(n: int) -> bytes:

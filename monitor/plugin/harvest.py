@@ -48,22 +48,33 @@ def harvest(rt, labels) -> None:
         view = src[rt._plan_rows, :n]
     else:
         view = src[:, :n].index_select(0, rt._plan_rows)
+    ids = labels.input_ids
+    ids = ids[:n] if ids is not None and ids.shape[0] >= n else None
     tok_idx = None
     if keep is not None:
         tok_idx = np.nonzero(keep)[0]
-        view = view.index_select(1, torch.from_numpy(tok_idx).to(src.device))
+        sel_dev = torch.from_numpy(tok_idx).to(src.device)
+        view = view.index_select(1, sel_dev)
+        if ids is not None:
+            ids = ids.index_select(0, sel_dev.to(ids.device))
     event = None
     if rt.tables.on_device:
         host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
         host.copy_(view, non_blocking=True)
+        if ids is not None:  # rides on the same event as the activations
+            ids_host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+            ids = ids_host.copy_(ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
     else:
         host = view.clone()
+        if ids is not None:  # vLLM refills its input buffer next step
+            ids = ids.to("cpu", copy=True)
     sel = slice(None) if tok_idx is None else tok_idx
     item = BatchItem(
         step=rt.step, layers=list(rt.plan_layers), host=host, event=event,
         request_ids=list(labels.req_ids), token_request_index=tok_req[sel],
-        positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time())
+        positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time(),
+        token_ids=ids)
     if rt.client.offer(item):
         rt.counters.tokens_tapped += n_sel

@@ -224,7 +224,7 @@ def patch_loaders() -> None:
 # ---------------------------------------------------------------- runners and workers
 
 
-def _v1_labels(runner):
+def _v1_labels(runner, input_ids=None):
     from monitor.plugin.runtime import StepLabels
 
     ib = runner.input_batch
@@ -232,7 +232,15 @@ def _v1_labels(runner):
     qsl = np.array(runner.query_start_loc.np[: num_reqs + 1], dtype=np.int64)
     return StepLabels(list(ib.req_ids[:num_reqs]), qsl,
                       np.array(ib.num_computed_tokens_cpu[:num_reqs], dtype=np.int64),
-                      int(qsl[num_reqs]))
+                      int(qsl[num_reqs]), _tensor_or_none(input_ids))
+
+
+def _tensor_or_none(x):
+    """The forward's ``input_ids`` (the ids the model embeds, sampled ones included under async
+    scheduling), or None (an embeddings forward, a later pipeline stage)."""
+    import torch
+
+    return x if isinstance(x, torch.Tensor) and x.dim() == 1 else None
 
 
 # Every wrapper below runs vLLM's original whatever the plugin's part does: a failure of the
@@ -272,7 +280,7 @@ def _wrap_v1_forward(orig):
         if rt is None:
             return orig(self, *args, **kwargs)
         try:
-            rt.before_forward(_v1_labels(self))
+            rt.before_forward(_v1_labels(self, failopen.arg(args, kwargs, 0, "input_ids")))
         except Exception:  # noqa: BLE001
             failopen.failed("_model_forward", rt)
             return orig(self, *args, **kwargs)
@@ -329,7 +337,8 @@ def _wrap_v2_prepare(orig):
                 rt.before_forward(StepLabels(
                     list(ib.req_ids[:n]),
                     np.array(ib.query_start_loc_np[: n + 1], dtype=np.int64),
-                    np.array(ib.num_computed_tokens_np[:n], dtype=np.int64), int(ib.num_tokens)))
+                    np.array(ib.num_computed_tokens_np[:n], dtype=np.int64), int(ib.num_tokens),
+                    _tensor_or_none(getattr(ib, "input_ids", None))))
             except Exception:  # noqa: BLE001
                 failopen.failed("prepare_inputs", rt)
         return ib

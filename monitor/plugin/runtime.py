@@ -73,6 +73,9 @@ class StepLabels:
     qsl: np.ndarray  # [num_reqs + 1]
     start_pos: np.ndarray  # [num_reqs] tokens already computed
     num_tokens: int
+    # the forward's input ids ([>= num_tokens], on the model's device; None when the forward
+    # takes embeddings instead): harvest copies the tapped tokens' ids with their activations
+    input_ids: torch.Tensor | None = None
     _tok_req: np.ndarray | None = None
     _positions: np.ndarray | None = None
 

@@ -161,6 +161,20 @@ class FakeSidecar(pb_grpc.IngestServicer):
                     out[layer].setdefault(int(pos), arr[li, t].copy())
         return out
 
+    def token_ids(self, request_id: str) -> dict[int, int]:
+        """position -> the token id the plugin sent with it (batches without ids add nothing)."""
+        out: dict[int, int] = {}
+        with self.lock:
+            batches = list(self.batches)
+        for b in batches:
+            if request_id not in b.request_ids or not len(b.token_ids):
+                continue
+            ri = list(b.request_ids).index(request_id)
+            for r, pos, tid in zip(b.token_request_index, b.positions, b.token_ids, strict=True):
+                if r == ri:
+                    out.setdefault(int(pos), int(tid))
+        return out
+
     def flags(self, request_id: str) -> dict[int, bool]:
         out: dict[int, bool] = {}
         with self.lock:

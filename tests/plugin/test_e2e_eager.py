@@ -73,6 +73,24 @@ def test_tap_matches_hf(eng, hf):
     assert fin.generated_tokens == 6
 
 
+def test_token_ids_are_the_prompt_then_the_generated_ids(eng):
+    """Every tapped token carries the id fed in at its position: the prompt's, then each
+    generated one (the last generated token is never fed in, so never tapped)."""
+    ps = prompts(3, 21, seed=31)
+    outs = eng.generate(ps, 7, [{"case": f"tid{i}"} for i in range(3)])
+    for i, (p, out) in enumerate(zip(ps, outs)):
+        rid = eng.sidecar.find_request(case=f"tid{i}")
+        assert eng.sidecar.token_ids(rid) == dict(enumerate((p + out)[:-1]))
+    try:  # the scope selection keeps ids and rows together
+        _set_plan(eng, make_plan(scope=pb.TOKEN_SCOPE_GENERATED))
+        p = prompts(1, 9, seed=32)[0]
+        out = eng.generate([p], 5, [{"case": "tid_gen"}])[0]
+    finally:
+        _set_plan(eng, make_plan())
+    rid = eng.sidecar.find_request(case="tid_gen")
+    assert eng.sidecar.token_ids(rid) == {len(p) + k: out[k] for k in range(4)}
+
+
 def test_policy_steering_matches_hf(eng, hf):
     p = prompts(1, 24, seed=2)[0]
     out = eng.generate([p, p, p], 8, [{"steer": "policy", "case": "pol"},
