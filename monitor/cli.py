@@ -14,6 +14,8 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from monitor.models.cli import model_app
+
 app = typer.Typer(help="featurewatch: watch SAE features and probes inside served LLMs.", no_args_is_help=True)
 rules_app = typer.Typer(help="Validate, apply and read alert rules.", no_args_is_help=True)
 alerts_app = typer.Typer(help="Read the alert and audit event stream.", no_args_is_help=True)
@@ -21,6 +23,7 @@ steering_app = typer.Typer(help="The steering kill switch.", no_args_is_help=Tru
 app.add_typer(rules_app, name="rules")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(steering_app, name="steering")
+app.add_typer(model_app, name="model")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 

@@ -28,7 +28,7 @@ fi
 # PyPI's torchvision/torchaudio/torchcodec are CUDA builds that break `import transformers` here.
 "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 
-if ! "$PY" -c "import monitor, sae_lens, grpc_tools, pytest_timeout, hypothesis, sklearn, pyarrow" 2>/dev/null; then
+if ! "$PY" -c "import monitor, sae_lens, grpc_tools, pytest_timeout, hypothesis, sklearn, pyarrow, gguf" 2>/dev/null; then
   echo "featurewatch: installing featurewatch[test] (pip)"
   "$PY" -m pip install -q -e ".[test]"
   "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
