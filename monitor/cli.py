@@ -243,6 +243,20 @@ class _EventPrinter:
         detail = " ".join(f"{k}={e[k]}" for k in ("severity", "api_request_id", "position", "value", "version", "author", "error")
                           if e.get(k) not in (None, ""))
         console.print(f"{when} [{colour}]{kind:8}[/{colour}] {what} {detail}", highlight=False)
+        context = _context_line(e) if kind == "alert" else ""
+        if context:  # model text: never rich markup, never a control character
+            console.print(f"         context: {context}", markup=False, highlight=False)
+
+
+def _context_line(e: dict) -> str:
+    """An alert's context: the text (sidecar with a tokenizer), else the token ids, firing one marked."""
+    if isinstance(e.get("context"), str):
+        return "".join(c if c >= " " and not "\x7f" <= c <= "\x9f" else "\ufffd" for c in e["context"])
+    ids, start, position = e.get("context_token_ids"), e.get("context_start"), e.get("position")
+    if not isinstance(ids, list) or not isinstance(start, int) or not isinstance(position, int):
+        return ""
+    return " ".join(f"⟦{t}⟧" if start + k == position else str(t) for k, t in enumerate(ids)) + \
+        f" (token ids from position {start})"
 
 
 @app.command()

@@ -97,6 +97,9 @@ class SidecarConfig(_Strict):
     tracing: TracingConfig = TracingConfig()
     encode_device: str = "cpu"
     encode_threads: int | None = None
+    # The served model's tokenizer (a tokenizer.json or a directory holding one, read from disk):
+    # alert events then carry their context as text; without it, only the token ids.
+    tokenizer: Path | None = None
 
     @field_validator("sources")
     @classmethod
@@ -143,6 +146,8 @@ def load_config(path: str | Path) -> SidecarConfig:
     for source in raw.get("sources") or []:
         if isinstance(source, dict) and "path" in source and not Path(source["path"]).is_absolute():
             source["path"] = str(base / source["path"])
+    if isinstance(raw.get("tokenizer"), str) and not Path(raw["tokenizer"]).is_absolute():
+        raw["tokenizer"] = str(base / raw["tokenizer"])
     if raw.get("rules_file") and not Path(raw["rules_file"]).is_absolute():
         raw["rules_file"] = str(base / raw["rules_file"])
     if isinstance(raw.get("direction_dirs"), list):

@@ -76,6 +76,8 @@ class Pipeline:
             else:  # part by part, so a token re-sent in a later part is dropped as it would be alone
                 keep = np.concatenate([self.requests.dedupe(LayerBatch(layer, p.request_ids, p.token_request, p.positions,
                                                                        p.generated)) for p in parts])
+            if i == 0 and batch.token_ids is not None:  # each request's recent ids: an alert's context
+                self.requests.note_tokens(lb, batch.token_ids)
             if layer not in rules.encode.layers:
                 self._count_tokens(layer, keep, batch.generated)
                 unsteered = self._measure_norms(layer, i, parts, batch, keep, unsteered)
@@ -173,6 +175,9 @@ class Pipeline:
                      api_request_id=request.api_request_id, position=verdict.position, value=verdict.value,
                      signal=f"{rule.key.source}:{rule.key.label}", rules_version=verdict.rules_version,
                      metadata=request.metadata, trace_id=trace_id_of(request.traceparent))
+        span = self.requests.context_ids(request.request_id, verdict.position, batch)
+        if span is not None:  # decoded to text on the event sink's thread, with a tokenizer
+            event["context_start"], event["context_token_ids"] = span
         if rule.alert:
             exemplar = {"trace_id": event["trace_id"]} if event["trace_id"] else None
             self.metrics.alerts.labels(self.model_name, rule.name, rule.severity).inc(exemplar=exemplar)

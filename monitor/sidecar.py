@@ -22,6 +22,7 @@ from monitor.config import ConfigError, SidecarConfig
 from monitor.encode.stage import Dictionaries
 from monitor.evaluate.compiler import CompiledRules, compile_rules
 from monitor.evaluate.state import RequestInfo, RequestTable
+from monitor.export.context import context_text
 from monitor.export.events import EventSink
 from monitor.export.metrics import SidecarMetrics
 from monitor.export.tracing import Tracing
@@ -55,11 +56,12 @@ class Sidecar:
     def __init__(self, config: SidecarConfig, dictionaries: Dictionaries | None = None, rule_store=None, event_store=None) -> None:
         self.config = config
         self.dictionaries = dictionaries or Dictionaries(config.sources, device=config.encode_device)
+        context = context_text(config.tokenizer)  # a bad tokenizer path stops the start (ConfigError)
         default_rules, default_events = (None, None) if rule_store and event_store else make_stores(config)
         self.rule_store = rule_store or default_rules
         self.event_store = event_store or default_events
         self.metrics = SidecarMetrics(config.model_name, max_engine_labels=config.limits.max_engine_labels)
-        self.events = EventSink(self.event_store, self.metrics)
+        self.events = EventSink(self.event_store, self.metrics, context=context)
         self.tracing = Tracing(config.tracing, config.model_name)
         self.steering = SteeringController(config.steering.enabled, config.steering.failure_mode,
                                            on_withheld=lambda reason: self.metrics.steering_withheld.labels(reason).inc())
@@ -308,7 +310,8 @@ class Sidecar:
         elif kind == "request_finish":
             self.pipeline.request_finished(item.request_finish.request_id)
         elif kind == "stats":
-            self.metrics.plugin_stats(stream.engine, item.stats, stream.id)
+            self.metrics.plugin_stats(stream.engine, item.stats, stream.id,
+                                      f"{stream.hello.engine}|{stream.hello.instance}" if stream.hello.instance else "")
 
     def export_store_counters(self) -> None:
         """Stores count their own errors and drops (they never raise into the hot path); export the

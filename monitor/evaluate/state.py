@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from monitor.evaluate.tokens import AFTER, BEFORE, TokenWindows, context_around
+
 if TYPE_CHECKING:
     from monitor.evaluate.compiler import CompiledRule, CompiledRules
 
@@ -37,6 +39,7 @@ class RequestState:
     ema: np.ndarray = None
     fired: np.ndarray = None
     touched: float = field(default_factory=time.monotonic)
+    token_row: int = -1  # its row of the table's TokenWindows, once it sent token ids
 
     def __post_init__(self) -> None:
         self.resize(self.n_rules)
@@ -85,6 +88,7 @@ class RequestTable:
         self.on_drop: Callable[[str], None] | None = None
         self.deduplicated_tokens = 0
         self._n_rules = 0
+        self.tokens = TokenWindows(max_requests + 1)  # +1: a new request is in before the evict
 
     def __len__(self) -> int:
         return len(self._states)
@@ -103,7 +107,10 @@ class RequestTable:
         return state
 
     def finish(self, request_id: str) -> RequestState | None:
-        return self._states.pop(request_id, None)
+        state = self._states.pop(request_id, None)
+        if state is not None:
+            self.tokens.release(state.token_row)
+        return state
 
     def reset_rules(self, n_rules: int) -> None:
         self._n_rules = n_rules
@@ -114,13 +121,14 @@ class RequestTable:
         cutoff = time.monotonic() - self.idle_timeout_s
         stale = [rid for rid, s in self._states.items() if s.touched < cutoff]
         for rid in stale:
-            del self._states[rid]
+            self.tokens.release(self._states.pop(rid).token_row)
             self._dropped(rid)
         return len(stale)
 
     def _evict(self) -> None:
         while len(self._states) > self.max_requests:
-            rid, _ = self._states.popitem(last=False)
+            rid, state = self._states.popitem(last=False)
+            self.tokens.release(state.token_row)
             self.evicted += 1
             self._dropped(rid)
 
@@ -142,6 +150,29 @@ class RequestTable:
             now = time.monotonic()
             batch.states = [self._state_for(rid, now) for rid in batch.request_ids]
         return batch.states
+
+    def note_tokens(self, batch: LayerBatch, token_ids: np.ndarray) -> None:
+        """Keep the batch's token ids in each request's window (an alert's context)."""
+        states = self._states_of(batch)
+        rows = np.empty(len(states), dtype=np.int64)
+        for k, state in enumerate(states):  # per request, as dedupe: a row once per request
+            if state.token_row < 0:
+                state.token_row = self.tokens.acquire()
+            rows[k] = state.token_row
+        self.tokens.note(rows, batch.token_request, batch.positions, token_ids)
+
+    def context_ids(self, request_id: str, position: int, batch=None) -> tuple[int, list[int]] | None:
+        """``(first position, ids)`` of the known tokens around ``position`` of a request: from its
+        window and from ``batch`` (request_ids, token_request, positions, token_ids: a prefill
+        longer than the window), or None when the token's own id is unknown. Runs per alert."""
+        state = self._states.get(request_id)
+        known = self.tokens.known(state.token_row) if state is not None else {}
+        ids = getattr(batch, "token_ids", None)
+        if ids is not None and request_id in batch.request_ids:
+            mine = batch.token_request == batch.request_ids.index(request_id)
+            near = mine & (batch.positions >= position - BEFORE) & (batch.positions <= position + AFTER)
+            known.update(zip(batch.positions[near].tolist(), ids[near].tolist()))
+        return context_around(position, known)
 
     def dedupe(self, batch: LayerBatch) -> np.ndarray:
         """Mask of tokens not seen before for their (request, layer); advances the high-water mark."""

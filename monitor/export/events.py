@@ -1,7 +1,8 @@
 """Alert and audit events, written to the event store off the hot path.
 
 A bounded queue and one writer thread: a slow or absent store (Redis down) costs the pipeline
-nothing but counted drops when the queue is full.
+nothing but counted drops when the queue is full. With a tokenizer, the writer thread also turns an
+event's ``context_token_ids`` into its ``context`` text (monitor/export/context.py).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ log = logging.getLogger(__name__)
 
 
 class EventSink:
-    def __init__(self, store, metrics, capacity: int = 10_000) -> None:
+    def __init__(self, store, metrics, capacity: int = 10_000, context=None) -> None:
         self.store, self.metrics = store, metrics
+        self.context = context  # a ContextText, or None: events keep only the ids
         self._queue: queue.Queue = queue.Queue(maxsize=capacity)
         metrics.queue_capacity.labels("events").set(capacity)
         self._depth = metrics.queue_depth.labels("events")
@@ -39,6 +41,7 @@ class EventSink:
             except queue.Empty:
                 continue
             self._depth.set(self._queue.qsize())
+            self._add_context(event)
             try:
                 self.store.append(event)
                 self.metrics.events.labels(event["kind"]).inc()
@@ -46,6 +49,17 @@ class EventSink:
                 log.warning("event store append failed: %s", exc)
                 self.metrics.events_dropped.labels("store_error").inc()
                 self.metrics.store_errors.labels(type(self.store).__name__, "append").inc()
+
+    def _add_context(self, event: dict) -> None:
+        if self.context is None or "context_token_ids" not in event:
+            return
+        try:
+            text = self.context.describe(event)
+        except Exception as exc:  # noqa: BLE001 - an undecodable context costs the event nothing
+            log.debug("alert context not decoded: %s", exc)
+            return
+        if text is not None:
+            event["context"] = text
 
     def flush(self, timeout_s: float = 5.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -162,6 +162,14 @@ class SidecarMetrics:
         self.plugin_model_mismatch = Gauge(p + "plugin_model_name_mismatch", "Connected plugin streams whose vLLM served "
                                            "model name differs from this sidecar's model_name (their metrics do not "
                                            "join on model_name).", registry=r)
+        # issue 11: tokens the plugin's forward actually steered (after its guard), per policy / rule
+        self.plugin_tokens_steered = Counter(p + "plugin_tokens_steered", "Tokens the plugin's forward actually steered "
+                                             "(rows its finiteness guard refused not counted), per always-on policy "
+                                             "(kind=policy) or rule of a directive (kind=rule); names beyond the bound "
+                                             "share name=other.", ["model_name", "engine", "kind", "name"], registry=r)
+        self._steered_names = {"policy": set(), "rule": set()}  # label values in use, bounded (STEERED_NAMES)
+        self._steered_series: dict[str, set] = {}  # engine -> (kind, name) series, removed with the engine label
+        self._steered_seen: OrderedDict = OrderedDict()  # plugin instance -> its last cumulative counts
 
     ENGINE_METRICS = ("batches_received", "plugin_connected", "plugin_dropped", "plugin_enqueue_sum", "plugin_enqueue_count",
                       "plugin_reconnects", "plugin_cached_tokens", "plugin_queue_depth")
@@ -170,6 +178,8 @@ class SidecarMetrics:
         """An engine label reclaimed from the budget: its series go away."""
         for name in self.ENGINE_METRICS:
             getattr(self, name).remove(self.model_name, engine)
+        for kind, name in self._steered_series.pop(engine, ()):
+            self.plugin_tokens_steered.remove(self.model_name, engine, kind, name)
 
     def watch_gc(self) -> None:
         """Time every garbage collection: a pause stalls the receive loop and the pipeline alike."""
@@ -205,12 +215,45 @@ class SidecarMetrics:
         for mode in ("open", "closed"):
             self.steering_failure_mode.labels(mode).set(1 if mode == failure_mode else 0)
 
-    def plugin_stats(self, engine: str, stats, stream=None) -> None:
+    def plugin_stats(self, engine: str, stats, stream=None, instance: str = "") -> None:
         """PluginStats are cumulative; export the increase since the last report of this engine (of
         this ``stream`` when given: streams sharing the label ``other`` each count from their own last)."""
         with self.engines.lock:
             if self.engines.known(engine):  # else the stream is gone and its label reclaimed: no series may come back
                 self._plugin_stats((self.model_name, engine), stats, (self.model_name, engine) if stream is None else ("stream", stream))
+                self._tokens_steered(engine, stats, ("instance", instance) if instance else ("stream", stream))
+
+    STEERED_NAMES = 64  # distinct policy (and rule) names exported per kind; beyond: name="other"
+    STEERED_INSTANCES = 1024  # plugin processes whose last counts are kept
+
+    def _tokens_steered(self, engine: str, stats, key) -> None:
+        """featurewatch_plugin_tokens_steered_total from PluginStats' per-name maps. The counts are
+        cumulative per plugin process and kept per ``key`` (Hello.instance) across its reconnects; a
+        count that went down means the process restarted (same host and pid): counted from zero."""
+        now = {("policy", n): v for n, v in stats.policy_tokens_steered.items()}
+        now.update({("rule", n): v for n, v in stats.rule_tokens_steered.items()})
+        now[("", "tokens_tapped")] = stats.tokens_tapped  # a restart shows here even before steering
+        last = self._steered_seen.pop(key, {})
+        if any(v < last.get(k, 0) for k, v in now.items()):
+            last = {}
+        self._steered_seen[key] = now
+        while len(self._steered_seen) > self.STEERED_INSTANCES:
+            self._steered_seen.popitem(last=False)
+        for (kind, name), value in now.items():
+            delta = value - last.get((kind, name), 0)
+            if kind and delta > 0:
+                label = self._steered_label(kind, name)
+                self.plugin_tokens_steered.labels(self.model_name, engine, kind, label).inc(delta)
+                self._steered_series.setdefault(engine, set()).add((kind, label))
+
+    def _steered_label(self, kind: str, name: str) -> str:
+        names = self._steered_names[kind]
+        if name in names:
+            return name
+        if not LabelBudget.SHAPE.fullmatch(name) or name == LabelBudget.OTHER or len(names) >= self.STEERED_NAMES:
+            return LabelBudget.OTHER
+        names.add(name)
+        return name
 
     def _plugin_stats(self, labels: tuple, stats, key) -> None:
         last = self._plugin_seen.get(key, {})
