@@ -64,8 +64,8 @@ def test_names_are_bounded_and_go_with_their_engine_label():
     m.plugin_stats("0", _stats(1, {"a": 1, "b": 1, "c": 1, "bad name!": 1}, {"other": 1}), stream=1, instance="i")
     text = generate_latest(m.registry).decode()
     names = {re.search(r'[{,]name="([^"]*)"', line).group(1) for line in text.splitlines() if line.startswith(NAME)}
-    assert names == {"a", "b", "other"}, names
-    assert metric_value(text, NAME, kind="policy", name="other") == 2  # c and the malformed name
+    assert len(names - {"other"}) == 2 and names <= {"a", "b", "c", "other"}, names  # map order is arbitrary
+    assert metric_value(text, NAME, kind="policy", name="other") == 2  # the third and the malformed name
     assert metric_value(text, NAME, kind="rule", name="other") == 1
     # the engine label is reclaimed for another engine: its series go
     m.engines.release("0")
