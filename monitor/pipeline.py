@@ -76,8 +76,8 @@ class Pipeline:
             else:  # part by part, so a token re-sent in a later part is dropped as it would be alone
                 keep = np.concatenate([self.requests.dedupe(LayerBatch(layer, p.request_ids, p.token_request, p.positions,
                                                                        p.generated)) for p in parts])
-            if i == 0 and batch.token_ids is not None:  # each request's recent ids: an alert's context
-                self.requests.note_tokens(lb, batch.token_ids)
+            if i == 0:  # each request's recent token ids: an alert's context
+                self._note_tokens(lb, parts, batch)
             if layer not in rules.encode.layers:
                 self._count_tokens(layer, keep, batch.generated)
                 unsteered = self._measure_norms(layer, i, parts, batch, keep, unsteered)
@@ -106,6 +106,16 @@ class Pipeline:
             self.metrics.requests_evicted.labels("table_full").inc(self.requests.evicted - self._evicted_exported)
             self._evicted_exported = self.requests.evicted
         return verdicts
+
+    def _note_tokens(self, lb: LayerBatch, parts: list, batch) -> None:
+        ids = getattr(batch, "token_ids", None)
+        if ids is not None:
+            self.requests.note_tokens(lb, ids)
+        elif len(parts) > 1:  # a group whose parts do not all carry ids: the parts that do
+            for p in parts:
+                if p.token_ids is not None:
+                    self.requests.note_tokens(LayerBatch(lb.layer, p.request_ids, p.token_request, p.positions,
+                                                         p.generated), p.token_ids)
 
     def _drop_nonfinite(self, xs: list, finite: list, signals: np.ndarray, keep: np.ndarray) -> np.ndarray:
         """``keep`` without the rows whose activations (NaN, ±Inf: ``finite``, from :func:`finite_rows`)

@@ -106,3 +106,30 @@ def test_bad_tokenizer_paths_are_config_errors_naming_the_field(tmp_path):
     os.mkfifo(tmp_path / "fifo.json")  # never blocks: refused from stat
     with pytest.raises(ConfigError, match=r"tokenizer: cannot read '.*fifo.json': .*not a regular file"):
         load_tokenizer(tmp_path / "fifo.json")
+
+
+def test_a_group_of_batches_feeds_the_windows_of_the_parts_that_carry_ids(tmp_path):
+    from monitor.config import SidecarConfig
+    from monitor.receive.batch import BatchGroup, decode_batch
+    from monitor.sidecar import Sidecar
+    from tests.sidecar.test_sidecar_grpc import rows
+    from tests.support.plugin_client import PluginClient
+    from tests.support.sidecar import fixture_config
+
+    raw = fixture_config(tmp_path, 64, socket=None, grpc_port=None, metrics_port=None)
+    sc = Sidecar(SidecarConfig.model_validate(raw))
+
+    def part(step, positions, ids):
+        n = len(positions)
+        msg = PluginClient.batch(step, [1], rows(n, planted=[], seed=step), ["r"], [0] * n, positions, [True] * n)
+        msg.batch.token_ids.extend(ids)
+        return decode_batch(msg.batch, 64, {1}, 1 << 20, 1 << 16)
+
+    try:
+        parts = [part(1, [0, 1], [10, 11]), part(2, [2], []), part(3, [3], [13])]
+        sc.pipeline.process(BatchGroup.of(parts), None, lambda stream, d: True)
+        assert sc.requests.tokens.known(sc.requests.get("r").token_row) == {0: 10, 1: 11, 3: 13}
+        sc.pipeline.process(BatchGroup.of([part(4, [4], [14]), part(5, [5], [15])]), None, lambda stream, d: True)
+        assert sc.requests.context_ids("r", 5) == (3, [13, 14, 15])  # position 2 came without its id
+    finally:
+        sc.events.close()
