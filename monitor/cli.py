@@ -240,7 +240,7 @@ class _EventPrinter:
         what = e.get("rule") or e.get("policy") or e.get("action") or ""
         if e.get("trigger") == "kill_switch":  # the kill switch: say which way it was thrown
             what = f"kill switch: steering {'on' if e.get('steering_enabled') else 'off'}"
-        detail = " ".join(f"{k}={e[k]}" for k in ("severity", "api_request_id", "position", "value", "version", "author", "error")
+        detail = " ".join(f"{k}={e[k]}" for k in ("mode", "severity", "api_request_id", "position", "value", "version", "author", "error")
                           if e.get(k) not in (None, ""))
         console.print(f"{when} [{colour}]{kind:8}[/{colour}] {what} {detail}", highlight=False)
         context = _context_line(e) if kind == "alert" else ""

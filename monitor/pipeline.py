@@ -52,9 +52,14 @@ class Pipeline:
         self.requests.start(info)
         self.metrics.requests.labels(self.model_name).inc()
         if info.steering_policy:
-            self.metrics.steering_actions.labels(self.model_name, info.steering_policy, "policy", "policy").inc()
-            self.events.emit("steering", trigger="policy", policy=info.steering_policy, request_id=info.request_id,
-                             api_request_id=info.api_request_id, metadata=info.metadata)
+            for name in info.steering_policy.split(","):  # the policies the plugin applied
+                self.metrics.steering_actions.labels(self.model_name, name, "policy", "policy", "enforce").inc()
+            self.events.emit("steering", trigger="policy", mode="enforce", policy=info.steering_policy,
+                             request_id=info.request_id, api_request_id=info.api_request_id, metadata=info.metadata)
+        for name, actions in self.steering.shadow_policies(self.rules.shadow_policies, info.metadata):
+            self.metrics.steering_actions.labels(self.model_name, name, "policy", "policy", "shadow").inc()
+            self.events.emit("steering", trigger="policy", mode="shadow", policy=name, actions=[a.WhichOneof("kind") for a in actions],
+                             request_id=info.request_id, api_request_id=info.api_request_id, metadata=info.metadata)
 
     def request_finished(self, request_id: str) -> None:
         self.requests.finish(request_id)
@@ -193,15 +198,21 @@ class Pipeline:
             self.metrics.alerts.labels(self.model_name, rule.name, rule.severity).inc(exemplar=exemplar)
             self.events.emit("alert", **event)
             self.tracing.alert(verdict)
+        shadow = self.steering.directive(request.request_id, rule.name, verdict.position, rule.shadow_steering, shadow=True)
+        if shadow is not None:  # mode: shadow — counted and audited, never sent
+            for action in shadow.actions:
+                self.metrics.steering_actions.labels(self.model_name, rule.name, action.WhichOneof("kind"), "rule", "shadow").inc()
+            self.events.emit("steering", trigger="rule", mode="shadow", from_position=shadow.from_position,
+                             actions=[a.WhichOneof("kind") for a in shadow.actions], **event)
         directive = self.steering.directive(request.request_id, rule.name, verdict.position, rule.steering)
         if directive is None:
             return
         if send(request.stream or stream, directive):
             for action in directive.actions:
-                self.metrics.steering_actions.labels(self.model_name, rule.name, action.WhichOneof("kind"), "rule").inc()
+                self.metrics.steering_actions.labels(self.model_name, rule.name, action.WhichOneof("kind"), "rule", "enforce").inc()
             if batch.captured_unix_s:
                 self.metrics.steering_decision.observe(max(0.0, time.time() - batch.captured_unix_s))
-            self.events.emit("steering", trigger="rule", from_position=directive.from_position,
+            self.events.emit("steering", trigger="rule", mode="enforce", from_position=directive.from_position,
                              actions=[a.WhichOneof("kind") for a in directive.actions], **event)
             self.tracing.steering(verdict, directive)
 

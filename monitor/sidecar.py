@@ -181,7 +181,7 @@ class Sidecar:
     # ------------------------------------------------------------------ plugin streams
     def plan(self) -> pb.TapPlan:
         layers = sorted(set(self.config.layers()) | set(self.rules.layers))
-        policies, waiting = self.steering.norms.resolve_policies(self.rules.policies)
+        policies, waiting = self.steering.norms.resolve_policies(self.rules.enforced_policies)  # never shadow ones
         if tuple(waiting) != self._logged_waiting:
             self._logged_waiting = tuple(waiting)
             if waiting:

@@ -189,15 +189,17 @@ class SteeringController:
         self.steered: dict[str, float] = {}  # request id -> first steered time
         self.dropped_nonfinite = 0  # actions withheld because a value was not finite or out of bounds
 
-    def resolve(self, actions) -> list[pb.SteeringAction]:
-        """Relative adds against the layers' measured residual norms; those that cannot be are withheld."""
+    def resolve(self, actions, count: bool = True) -> list[pb.SteeringAction]:
+        """Relative adds against the layers' measured residual norms; those that cannot be are withheld
+        (counted unless ``count`` is False: shadow actions are never sent anyway)."""
         out = []
         for a in actions:
             if isinstance(a, RelativeAdd):
                 norm = self.norms.median(a.layer)
                 a = a.resolve(norm)
                 if a is None:
-                    self._withheld("residual_norm_unknown" if norm is None else "out_of_bounds")
+                    if count:
+                        self._withheld("residual_norm_unknown" if norm is None else "out_of_bounds")
                     continue
             out.append(a)
         return out
@@ -206,22 +208,41 @@ class SteeringController:
         if self.on_withheld is not None:
             self.on_withheld(reason)
 
-    def directive(self, request_id: str, rule: str, position: int, actions) -> pb.SteeringDirective | None:
+    def directive(self, request_id: str, rule: str, position: int, actions, *,
+                  shadow: bool = False) -> pb.SteeringDirective | None:
+        """The directive a fired rule sends. ``shadow``: the same directive, computed for the audit
+        only (`mode: shadow`): it is never sent, so it neither marks the request steered nor counts
+        withheld actions."""
         if not self.enabled or not actions:
             return None
-        actions = self.resolve(actions)
+        actions = self.resolve(actions, count=not shadow)
         checked = [a for a in actions if action_is_finite(a)]
-        for _ in range(len(actions) - len(checked)):  # exported as steering_withheld_actions{reason="nonfinite"}
+        for _ in range(0 if shadow else len(actions) - len(checked)):  # steering_withheld_actions{reason="nonfinite"}
             self.dropped_nonfinite += 1
             self._withheld("nonfinite")
         if not checked:
             return None
         actions = checked
-        self.steered.setdefault(request_id, time.time())
+        if not shadow:
+            self.steered.setdefault(request_id, time.time())
         return pb.SteeringDirective(
-            directive_id=f"d{next(self._ids)}", request_id=request_id, rule=rule,
+            directive_id=f"{'s' if shadow else 'd'}{next(self._ids)}", request_id=request_id, rule=rule,
             from_position=position + 1, actions=list(actions),
         )
+
+    def shadow_policies(self, templates, metadata: dict) -> list[tuple[str, list[pb.SteeringAction]]]:
+        """The `mode: shadow` policies a new request matches, each with the actions a plan would
+        carry now (relative adds resolved; a policy left without actions, as a plan would leave it
+        out, is not listed). Matching is the plugin's: every selector key equal in the metadata."""
+        if not self.enabled:
+            return []
+        out = []
+        for t in templates:
+            if all(metadata.get(k) == v for k, v in t.selector.items()):
+                actions = [a for a in self.resolve(t.actions, count=False) if action_is_finite(a)]
+                if actions:
+                    out.append((t.name, actions))
+        return out
 
     def forget(self, request_id: str) -> None:
         self.steered.pop(request_id, None)

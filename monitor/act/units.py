@@ -51,6 +51,7 @@ class PolicyTemplate:
     name: str
     selector: dict
     actions: tuple
+    mode: str = "enforce"  # shadow: left out of plans; matching requests are counted and audited
 
     @property
     def relative_layers(self) -> set[int]:

@@ -45,6 +45,7 @@ class CompiledRule:
     ema_alpha: float
     alert: bool
     steering: tuple  # pb.SteeringAction ready to send, or RelativeAdd (resolved when sent)
+    shadow_steering: tuple = ()  # the same, for `mode: shadow` actions: computed and audited, never sent
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,15 @@ class CompiledRules:
     policies: tuple  # PolicyTemplate: resolved into pb.SteeringPolicy for each plan (ResidualNorms)
     encode: EncodeStage
     feature_keys: tuple[SignalKey, ...]  # SAE features referenced by rules: the bounded label set
+
+    @property
+    def enforced_policies(self) -> tuple:
+        """The policies the plugin's plan carries (not those in `mode: shadow`)."""
+        return tuple(p for p in self.policies if p.mode != "shadow")
+
+    @property
+    def shadow_policies(self) -> tuple:
+        return tuple(p for p in self.policies if p.mode == "shadow")
 
     def rules_on(self, layer: int) -> list[CompiledRule]:
         return [r for r in self.rules if r.layer == layer]
@@ -86,14 +96,15 @@ def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file:
         else:
             if checker.probe(rule.name, "signal", rule.signal.source, rule.signal.probe):
                 keys.append(SignalKey(rule.signal.source, probe=rule.signal.probe))
-    steering = {rule.name: [checker.steering(rule.name, f"actions[{i}].steer", a.steer)
+    steering = {rule.name: [(a.steer.mode, checker.steering(rule.name, f"actions[{i}].steer", a.steer))
                             for i, a in enumerate(rule.actions) if a.steer is not None]
                 for rule in spec.rules}
     policy_actions = [[checker.steering(p.name, f"steer[{i}]", s, kind="policy") for i, s in enumerate(p.steer)]
                       for p in spec.policies]
     if errors:
         raise RulesInvalid(errors)
-    policies = [PolicyTemplate(p.name, dict(p.selector), tuple(actions)) for p, actions in zip(spec.policies, policy_actions)]
+    policies = [PolicyTemplate(p.name, dict(p.selector), tuple(actions), p.mode)
+                for p, actions in zip(spec.policies, policy_actions)]
 
     encode = EncodeStage(dictionaries, keys)
     compiled = []
@@ -108,7 +119,8 @@ def compile_rules(text: str, dictionaries: Dictionaries, version: int = 0, file:
             count_n=window.n if isinstance(window, CountWindow) else 1,
             ema_alpha=window.alpha if isinstance(window, EmaWindow) else 1.0,
             alert=any(a.alert is not None for a in rule.actions),
-            steering=tuple(steering[rule.name]),
+            steering=tuple(a for mode, a in steering[rule.name] if mode == "enforce"),
+            shadow_steering=tuple(a for mode, a in steering[rule.name] if mode == "shadow"),
         ))
     feature_keys = tuple(k for k in dict.fromkeys(keys) if k.feature is not None)
     return CompiledRules(version, text, tuple(compiled), tuple(policies), encode, feature_keys)

@@ -114,15 +114,27 @@ class AddSpec(_Strict):
         return self
 
 
-class SteerSpec(_Strict):
+# enforce: sent to the plugin; shadow: computed, counted (mode="shadow") and audited, never sent
+Mode = Literal["enforce", "shadow"]
+
+
+class PolicySteer(_Strict):
+    """One action of a policy (a policy's `mode` is the policy's own, not per action)."""
+
     clamp: ClampSpec | None = None
     add: AddSpec | None = None
 
     @model_validator(mode="after")
-    def _exactly_one(self) -> "SteerSpec":
+    def _exactly_one(self):
         if (self.clamp is None) == (self.add is None):
             raise ValueError("a steer action has exactly one of clamp or add")
         return self
+
+
+class SteerSpec(PolicySteer):
+    """A rule's steer action; `mode: shadow` computes and audits its directive without sending it."""
+
+    mode: Mode = "enforce"
 
 
 class Action(_Strict):
@@ -153,7 +165,8 @@ class Rule(_Strict):
 class Policy(_Strict):
     name: Name
     selector: dict[str, str] = Field(default_factory=dict)
-    steer: list[SteerSpec] = Field(min_length=1)
+    steer: list[PolicySteer] = Field(min_length=1)
+    mode: Mode = "enforce"  # shadow: never in the plugin's plan; matching requests are counted and audited
 
 
 class RuleFile(_Strict):

@@ -114,7 +114,9 @@ class SidecarMetrics:
         self.rule_info = Gauge(p + "rule_info", "Loaded rules and their routing labels (always 1).", ["rule", "severity", "owner", "signal"], registry=r)
         self.rules_version = Gauge(p + "rules_version", "Version of the rule set in force.", registry=r)
         self.rule_reloads = Counter(p + "rule_reloads", "Rule reload attempts by result.", ["result"], registry=r)
-        self.steering_actions = Counter(p + "steering_actions", "Steering directives issued or policies applied.", ["model_name", "rule", "action", "trigger"], registry=r)
+        self.steering_actions = Counter(p + "steering_actions", "Steering directives issued or policies applied (mode=enforce), "
+                                        "or computed and audited only (mode=shadow: never sent).",
+                                        ["model_name", "rule", "action", "trigger", "mode"], registry=r)
         self.steering_enabled = Gauge(p + "steering_enabled", "1 when steering is enabled (the kill switch is off).", registry=r)
         self.steering_failure_mode = Gauge(p + "steering_failure_mode", "Steering failure mode in force (1 on the active mode).", ["mode"], registry=r)
         self.queue_depth = Gauge(p + "queue_depth", "Items waiting in a pipeline stage.", ["stage"], registry=r)
