@@ -14,6 +14,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
+from monitor.author.cli import register as register_authoring
 from monitor.models.cli import model_app
 
 app = typer.Typer(help="featurewatch: watch SAE features and probes inside served LLMs.", no_args_is_help=True)
@@ -24,6 +25,7 @@ app.add_typer(rules_app, name="rules")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(steering_app, name="steering")
 app.add_typer(model_app, name="model")
+register_authoring(app, rules_app)  # features compare, probes train, rules calibrate/backtest
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
