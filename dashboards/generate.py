@@ -203,10 +203,21 @@ def rows() -> list[Row]:
                unit="percentunit", w=6, description="Mean per-token probe probability."),
         ]),
         Row("Steering", [
-            ts("Steering actions", Target(rate("featurewatch_steering_actions_total", FW, "rule, action, trigger"), "{{rule}} {{action}} ({{trigger}})"),
-               w=12, stack=True, description="Steering directives issued (trigger=rule) or always-on policies applied (trigger=policy), per second."),
+            ts("Steering actions", Target(rate("featurewatch_steering_actions_total", FW, "rule, action, trigger, mode"),
+                                          "{{rule}} {{action}} ({{trigger}}, {{mode}})"),
+               w=12, stack=True, description="Steering directives issued (trigger=rule) or always-on policies applied (trigger=policy), per second; "
+                                             "mode=shadow: computed and audited, never sent."),
             latency("Steering decision latency", "featurewatch_steering_decision_seconds", INST,
                     "From capture of the firing token in the worker to the directive sent back to the plugin.", qs=(0.5, 0.99), w=12),
+            ts("Directives sent vs tokens steered",
+               Target(rate("featurewatch_steering_actions_total", f'{FW}, mode="enforce"', "trigger, rule"), "sent: {{rule}} ({{trigger}})"),
+               Target(rate("featurewatch_plugin_tokens_steered_total", FW, "kind, name"), "steered tokens: {{name}} ({{kind}})"),
+               Target(rate("featurewatch_steering_actions_total", f'{FW}, mode="shadow"', "trigger, rule"), "shadow only: {{rule}} ({{trigger}})"),
+               w=24,
+               description="Per rule and policy: directive actions sent (trigger=rule) or requests a policy applied to (trigger=policy), "
+                           "against the tokens the plugin's forward actually steered (counted in the forward, after its finiteness "
+                           "guard). Sent but no tokens steered: steering is silently not applied. Shadow-mode steering is "
+                           "counted but never sent."),
         ]),
         Row("Sidecar health", [
             ts("Plugin connection",

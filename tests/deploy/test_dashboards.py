@@ -130,6 +130,8 @@ def test_required_views_are_present(dashboard):
     assert heatmap["type"] == "heatmap" and heatmap["targets"][0]["format"] == "heatmap"
     uses("Probe score quantiles", "histogram_quantile(0.99", "featurewatch_probe_score_bucket")
     uses("Steering actions", "featurewatch_steering_actions_total")
+    uses("Directives sent vs tokens steered", "featurewatch_steering_actions_total", "featurewatch_plugin_tokens_steered_total",
+         'mode="shadow"')
     uses("Queue fill", "featurewatch_queue_depth", "featurewatch_queue_capacity")
     uses("Batches received and dropped", "featurewatch_batches_dropped_total", "featurewatch_plugin_batches_dropped_total")
     uses("Encode latency", "featurewatch_encode_seconds_bucket")

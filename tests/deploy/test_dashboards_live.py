@@ -27,7 +27,7 @@ from tests.deploy.fake_vllm import FakeVllmMetrics
 
 pytest.importorskip("tests.support.sidecar", reason="the sidecar test support is not in this tree")
 from monitor.protocol import pb  # noqa: E402
-from tests.support.dictionaries import planted_direction, planted_rules  # noqa: E402
+from tests.support.dictionaries import PLANTED_FEATURE, planted_direction, planted_rules  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
 from tests.support.sidecar import SidecarProcess, fixture_config, metric_value  # noqa: E402
 
@@ -35,7 +35,10 @@ D = 64
 INSTANCE = "replica-0"
 RATE_INTERVAL = "4s"  # Grafana: max(4 x scrape interval, interval + scrape interval) at 1 s scrapes
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
-RULES = planted_rules("    labels: {owner: security}\n")
+# tenant a's requests also match a policy in shadow mode (counted and audited, never sent)
+RULES = planted_rules("    labels: {owner: security}\n") + (
+    "  - name: tenant_a_shadow\n    selector: {tenant: a}\n    mode: shadow\n"
+    f"    steer: [{{add: {{source: sae, feature: {PLANTED_FEATURE}, scale: -1.0}}}}]\n")
 # Series that only exist once a store fails or an event is lost. The sidecar declares them (checked
 # below); they get data when the failure happens, which this test does not stage.
 FAILURE_ONLY = {"featurewatch_store_errors_total", "featurewatch_events_dropped_total"}
@@ -70,7 +73,10 @@ class Traffic(threading.Thread):
                 self.client.send(pb.PluginMessage(stats=pb.PluginStats(
                     batches_enqueued=2 * (n + 1), batches_sent=2 * (n + 1), batches_dropped_queue_full=n // 4,
                     tokens_tapped=9 * (n + 1), enqueue_seconds_sum=0.0002 * (n + 1), enqueue_count=2 * (n + 1),
-                    reconnects=1 + n // 10, cached_prompt_tokens_untapped=16 * (n + 1), queue_depth=n % 3, queue_capacity=64)))
+                    reconnects=1 + n // 10, cached_prompt_tokens_untapped=16 * (n + 1), queue_depth=n % 3, queue_capacity=64,
+                    # what the plugin's forward steered: tenant b's policy, the feature rule's directives
+                    policy_tokens_steered={"tenant_b_suppress": 9 * ((n + 2) // 3)},
+                    rule_tokens_steered={"planted_feature": 2 * ((n + 1) // 2)})))
                 step, n = step + 2, n + 1
                 self.sent = n
                 self.stop_event.wait(0.15)
