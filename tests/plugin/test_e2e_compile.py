@@ -40,6 +40,8 @@ def test_tap_and_policy_steering_match_hf(eng, hf):
     assert out == [ref_plain, ref_pol]
     assert_close_to_hf(eng, eng.sidecar.find_request(case="c_plain"), plain_layers, 16 + 4)
     assert_close_to_hf(eng, eng.sidecar.find_request(case="c_pol"), pol_layers, 16 + 4)
+    for case, p, o in (("c_plain", ps[0], out[0]), ("c_pol", ps[1], out[1])):  # ids fed to the compiled forward
+        assert eng.sidecar.token_ids(eng.sidecar.find_request(case=case)) == dict(enumerate((p + o)[:-1]))
 
 
 def test_cobatched_unsteered_request_is_bit_identical(eng):
