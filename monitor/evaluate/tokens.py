@@ -2,8 +2,8 @@
 
 One ``[rows, WIDTH]`` table for all requests (a row per request, slot ``position % WIDTH``), so a
 batch's ids are written with one vectorised assignment whatever the number of requests in it.
-Memory: ``WIDTH × 12`` bytes (768 B) per tracked request that sent ids, rows allocated as requests arrive (doubling) and
-never beyond the request table's bound.
+Memory: ``WIDTH × 12`` bytes (768 B) per tracked request that sent ids, rows allocated as requests
+arrive (doubling) and never beyond the request table's bound.
 """
 
 from __future__ import annotations
