@@ -1,5 +1,5 @@
-"""After each step: copy the planned layers and tokens of the tap buffer to host memory and hand
-them to the sender (TP rank 0 only; dropped and counted when the sidecar is away or the queue is
+"""After each step: copy the planned layers and tokens of the tap buffer (and those tokens' input
+ids) to host memory and hand them to the sender (TP rank 0 only; dropped and counted when the sidecar is away or the queue is
 full). On a GPU the copy is asynchronous; the sender waits for its event, never the forward."""
 
 from __future__ import annotations
