@@ -133,3 +133,24 @@ def test_a_group_of_batches_feeds_the_windows_of_the_parts_that_carry_ids(tmp_pa
         assert sc.requests.context_ids("r", 5) == (3, [13, 14, 15])  # position 2 came without its id
     finally:
         sc.events.close()
+
+
+def test_decode_batch_takes_none_or_one_id_per_token_and_keeps_them_aligned():
+    from monitor.receive.batch import BatchRejected, decode_batch
+    from tests.support.plugin_client import PluginClient
+
+    def msg(ids, positions=(0, 1, 2)):
+        m = PluginClient.batch(1, [1], np.zeros((1, 3, 8), np.float32), ["a", "b"], [0, 1, 0], list(positions),
+                               [False] * 3).batch
+        m.token_ids.extend(ids)
+        return m
+
+    assert decode_batch(msg([]), 8, {1}, 1 << 20, 1 << 16).token_ids is None
+    assert decode_batch(msg([7, 8, 9]), 8, {1}, 1 << 20, 1 << 16).token_ids.tolist() == [7, 8, 9]
+    for wrong in ([7], [7, 8, 9, 10]):
+        with pytest.raises(BatchRejected) as exc:
+            decode_batch(msg(wrong), 8, {1}, 1 << 20, 1 << 16)
+        assert exc.value.reason == "malformed" and f"{len(wrong)} token ids for 3 tokens" in exc.value.detail
+    # request b's position is out of range: its rows go, and its id with them
+    kept = decode_batch(msg([7, 8, 9], positions=(0, 1 << 40, 2)), 8, {1}, 1 << 20, 1 << 16, max_position=1 << 30)
+    assert kept.token_ids.tolist() == [7, 9] and kept.positions.tolist() == [0, 2]
