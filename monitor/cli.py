@@ -267,13 +267,14 @@ def demo(requests: int = typer.Option(24, help="Eliciting prompts per concept (a
          linger: Optional[float] = typer.Option(None, help="Seconds to keep /metrics up afterwards (default: until Ctrl-C on a terminal, 0 otherwise)."),
          metrics_port: int = typer.Option(9400, help="Sidecar /metrics port (a free one if taken)."),
          workdir: Optional[Path] = typer.Option(None, help="Keep configs, logs and results here."),
-         assets: Optional[Path] = typer.Option(None, help="A demo assets dir (default: the shipped one; rebuild with python -m monitor.demo.build).")) -> None:
+         assets: Optional[Path] = typer.Option(None, help="A demo assets dir (default: the shipped one; rebuild with python -m monitor.demo.build)."),
+         record: bool = typer.Option(False, "--record", help="Record every request (<workdir>/recording) and write the ground truth (<workdir>/labels.jsonl) for the authoring commands.")) -> None:
     """Serve the embedded planted-concept model with vLLM + plugin + sidecar; show alerts and steering."""
     from monitor.demo.run import Options, run_demo
 
     logging.basicConfig(level="WARNING")
     options = Options(requests_per_concept=requests, neutral_requests=requests, max_tokens=max_tokens, linger_s=linger,
-                      metrics_port=metrics_port, workdir=workdir)
+                      metrics_port=metrics_port, workdir=workdir, record=record)
     if assets is not None:
         options.assets = assets
     run_demo(options)

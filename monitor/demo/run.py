@@ -58,6 +58,7 @@ class Options:
     linger_s: float | None = None  # None: until Ctrl-C on a terminal, 0 otherwise
     workdir: Path | None = None
     assets: Path = ASSETS
+    record: bool = False  # the flight recorder on every request: <workdir>/recording, ground truth in labels.jsonl
 
 
 @dataclass
@@ -122,6 +123,8 @@ class Demo:
                         {"name": "demo_probes", "kind": "probes", "layer": m["layer"], "path": str(self.assets / m["probes"]["path"])}],
             "store": {"kind": "memory"}, "encode_threads": 1,
         }
+        if self.o.record:  # for the authoring loop (docs/authoring.md)
+            config["record"] = {"dir": str(self.work / "recording"), "sample": 1.0, "flush_interval_s": 2.0}
         (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
         (self.work / "rules.yaml").write_text(demo_rules(m, "none"))
         self._spawn("sidecar", [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.work / "featurewatch.yaml")])
@@ -305,11 +308,21 @@ class Demo:
         always = self.traffic("always")
         self.attach_events(always)
         rates = self.report_steering({"monitor only": monitored, "steer on fire": on_fire, "suppress always": always})
+        if self.o.record:
+            write_labels(self.work / "labels.jsonl", monitored + on_fire + always)
+            console.print(f"recording: {self.work / 'recording'}, ground truth: {self.work / 'labels.jsonl'}")
         self.show_examples(monitored, always)
         metrics = f"http://127.0.0.1:{self.metrics_port}/metrics"
         console.print(f"\nPrometheus metrics: [bold]{metrics}[/bold]   vLLM: http://127.0.0.1:{self.http_port}/metrics   "
                       f"logs: {self.work}")
         return {"alerts": alert_scores, "emission": {f"{c}/{p}": r for (c, p), r in rates.items()}}
+
+
+def write_labels(path: Path, sent: list[Sent]) -> None:
+    """Ground truth as a label file for the authoring commands: per request, the concepts its
+    generation mentions (`corpus.find_mentions`), or "none"."""
+    path.write_text("".join(json.dumps({"api_request_id": s.api_id, "label": [c for c in corpus.CONCEPTS
+                                        if corpus.find_mentions(s.text, c)] or "none"}) + "\n" for s in sent))
 
 
 def _api_suffix(api_request_id: str) -> str:

