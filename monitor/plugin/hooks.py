@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from monitor.plugin import ops
+from monitor.plugin.families import Convention, join, split
 from monitor.plugin.ops import SteerTables
 
 logger = logging.getLogger("vllm.featurewatch")
@@ -55,8 +56,11 @@ class LayerHook:
     they only copy the residual stream into the tap buffer and leave the output untouched.
     """
 
-    def __init__(self, layer_index: int, slot: int, tables: SteerTables) -> None:
+    def __init__(self, layer_index: int, slot: int, tables: SteerTables,
+                 conv: Convention = Convention.HIDDEN_RESIDUAL) -> None:
         self.layer_index = layer_index
+        self.conv = conv  # the model family's output convention (families.py), never inferred
+        self.enabled = True  # False once the self-test failed: vLLM's output, untouched
         self.slot = slot
         self.max_tokens = tables.max_tokens
         self.do_tap = tables.do_tap
@@ -64,7 +68,15 @@ class LayerHook:
         self.tap = tables.tap[slot]  # eager path only; traced code reads the module's buffers
 
     def __call__(self, module: nn.Module, args, output):
-        if torch.compiler.is_compiling():  # traced: no Python error handling in the graph
+        if not self.enabled:
+            return output
+        if torch.compiler.is_compiling():
+            # Traced (fullgraph): no try/except here. What could fail is decided at trace time
+            # — the output's structure — and a mismatch traces vLLM's output untouched (no tap:
+            # the self-test fails and the plugin goes idle). Failures at run time happen inside
+            # the opaque op, which falls back on its own (ops._tap_steer).
+            if split(output, self.conv, strict=False) is None:
+                return output
             return self._apply(module, output)
         try:
             return self._apply(module, output)
@@ -75,14 +87,7 @@ class LayerHook:
             return output
 
     def _apply(self, module: nn.Module, output):
-        if isinstance(output, tuple) and len(output) == 2 and isinstance(output[0], torch.Tensor):
-            hidden, residual = output
-            if residual is None:  # no deferred add: the first element is the stream
-                hidden, residual = None, hidden
-        elif isinstance(output, torch.Tensor):
-            hidden, residual = None, output
-        else:
-            return output
+        hidden, residual = split(output, self.conv)
         if not (torch.compiler.is_compiling() or ops._STEP["live"] or ops.capturing()):
             if self.do_tap:
                 n = residual.shape[0]
@@ -98,6 +103,4 @@ class LayerHook:
         bufs = [getattr(module, BUFFER_PREFIX + name) for name in SteerTables.ARG_NAMES]
         new_res = torch.ops.featurewatch.tap_steer(hidden, residual, *bufs, self.do_tap,
                                                    self.max_norm)
-        if isinstance(output, torch.Tensor):
-            return new_res
-        return (new_res, None) if hidden is None else (hidden, new_res)
+        return join(output, self.conv, new_res)

@@ -111,6 +111,7 @@ def _plan_load(vllm_config, model_config):
 def _install(model, vllm_config, model_config, plan) -> None:
     from monitor.plugin import ops, state
     from monitor.plugin.actions import ActionLimits
+    from monitor.plugin.families import architecture, convention_of
     from monitor.plugin.hooks import (
         LayerHook,
         attach_buffers,
@@ -120,6 +121,7 @@ def _install(model, vllm_config, model_config, plan) -> None:
     from monitor.plugin.runtime import Runtime
 
     cfg, num_layers, d_model, dtype, max_tokens, layers = plan
+    conv = convention_of(architecture(model_config))  # checked in _prepare_load
     _, modules = find_decoder_layers(model, num_layers)
     owned = [x for x in layers if not is_missing_layer(modules[x])]
     if not owned:
@@ -141,9 +143,11 @@ def _install(model, vllm_config, model_config, plan) -> None:
         num_layers=len(owned), d_model=d_model, rows=cfg.steer_rows, clamps=cfg.steer_clamps,
         max_tokens=max_tokens, device=device, dtype=dtype, do_tap=tp_rank == 0,
         max_norm=limits.max_norm)
+    hooks = []
     for slot, layer in enumerate(owned):
         attach_buffers(modules[layer], tables, slot)
-        modules[layer].register_forward_hook(LayerHook(layer, slot, tables))
+        hook = LayerHook(layer, slot, tables, conv)
+        hooks.append((hook, modules[layer].register_forward_hook(hook)))
     pc = vllm_config.parallel_config
     served = getattr(model_config, "served_model_name", None)
     if isinstance(served, (list, tuple)):
@@ -153,12 +157,14 @@ def _install(model, vllm_config, model_config, plan) -> None:
                  num_layers=num_layers, hooked=owned, tables=tables, tp_rank=tp_rank,
                  tp_size=tp_size, pp_rank=pp_rank,
                  engine=str(getattr(pc, "data_parallel_rank", 0) or 0))
+    rt.layer_hooks = hooks
     state.set_runtime(rt)
     logger.info("featurewatch: tapping layers %s (d=%d, %d tokens/step, %.1f MiB buffers, "
-                "tp_rank=%d) -> %s", owned, d_model, max_tokens, tables.nbytes() / 2**20,
-                tp_rank, cfg.address)
+                "tp_rank=%d, %s outputs) -> %s", owned, d_model, max_tokens,
+                tables.nbytes() / 2**20, tp_rank, conv.value, cfg.address)
     _patch_worker_side()
-    rt.start()
+    if not cfg.selftest:
+        rt.start()  # else once the self-test passed (_wrap_warmup): nothing is streamed before
 
 
 def _prepare_load(vllm_config, model_config):
@@ -167,11 +173,20 @@ def _prepare_load(vllm_config, model_config):
 
     if getattr(_TLS, "loading", False) or model_config is not vllm_config.model_config:
         return None
+    from monitor.plugin.families import UnsupportedModel, architecture, convention_of
+
     state.reset_config()  # the environment at load time decides (one model per worker)
+    state.IDLE[0] = None
     old = state.set_runtime(None)
     if old is not None:
         old.close()
     if not state.config().enabled:
+        return None
+    try:
+        convention_of(architecture(model_config))
+    except UnsupportedModel as e:  # refused, never guessed: vLLM serves it unmonitored
+        state.IDLE[0] = str(e)
+        logger.warning("featurewatch: idle for this model, nothing hooked: %s", e)
         return None
     try:
         return _plan_load(vllm_config, model_config)
@@ -348,7 +363,7 @@ def _wrap_v2_prepare(orig):
 
 def _wrap_warmup(orig):
     def compile_or_warm_up_model(self, *args, **kwargs):
-        from monitor.plugin.selftest import run_selftest
+        from monitor.plugin.selftest import after_selftest, run_selftest
         from monitor.plugin.state import RUNTIME
 
         out = orig(self, *args, **kwargs)
@@ -357,10 +372,11 @@ def _wrap_warmup(orig):
             if rt is not None and rt.cfg.selftest and rt.selftest.get("status") == "pending":
                 rt.selftest = {"status": "running"}
                 try:
-                    rt.selftest = run_selftest(rt, self.model_runner)
+                    rt.selftest = run_selftest(rt, self)
                 except Exception as e:  # noqa: BLE001
                     logger.exception("featurewatch: self-test crashed")
                     rt.selftest = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+                after_selftest(rt)  # passed: connect; failed: idle for this model
             elif rt is not None and not rt.cfg.selftest:
                 rt.selftest = {"status": "skipped"}
         except Exception:  # noqa: BLE001
@@ -409,7 +425,7 @@ def featurewatch_status(self) -> dict:
     rt = state.RUNTIME[0]
     if rt is None:
         cfg = state.config()
-        idle = compat.idle_reason()
+        idle = compat.idle_reason() or state.IDLE[0]
         reason = ("FEATUREWATCH_ADDRESS unset (loaded-idle)" if not cfg.enabled
                   else idle or "no hooks installed in this worker")
         out = {"enabled": False, "version": __version__, "reason": reason}

@@ -30,6 +30,7 @@ from monitor.plugin.client import Counters, SidecarClient
 from monitor.plugin.config import PluginConfig
 from monitor.plugin.guard import NonfiniteGuard
 from monitor.plugin.harvest import harvest
+from monitor.plugin.internal import InternalRequests
 from monitor.plugin.steering import (
     PRIVATE_KEY,
     PolicyView,
@@ -126,6 +127,7 @@ class Runtime:
         self.step = 0
         self.runner_kind = "?"
         self.selftest: dict = {"status": "pending"}
+        self.internal = InternalRequests()  # vLLM warm-ups and self-test requests (internal.py)
         self.graph_mode = _graph_mode(vllm_config)
         self._idx_dirty = 0  # leading steer_idx entries that may be non-zero
         self._staging: list[torch.Tensor] = []
@@ -304,7 +306,7 @@ class Runtime:
         for rid in getattr(scheduler_output, "finished_req_ids", ()) or ():
             self._finish(rid, finished.get(rid))
         for nr in getattr(scheduler_output, "scheduled_new_reqs", ()) or ():
-            if nr.req_id not in self.requests:
+            if nr.req_id not in self.requests and not self.internal.new_request(nr.req_id):
                 self._start(nr)
 
     def _start(self, nr) -> None:
@@ -360,6 +362,9 @@ class Runtime:
             self.counters.host_seconds += time.perf_counter() - t0
 
     def _before_forward(self, labels: StepLabels) -> None:
+        if self.internal.in_step(labels):  # vLLM warm-up or self-test: never harvested
+            self._internal_step(labels)
+            return
         self.step += 1
         self.counters.steps += 1
         self._labels = labels
@@ -387,6 +392,21 @@ class Runtime:
                 self._idx_dirty = 0
             ops.set_step_live(False)
         self._last_labels = labels
+
+    def _internal_step(self, labels: StepLabels) -> None:
+        """Steer only the self-test's probe tokens, without the guard's bookkeeping (the
+        self-test reads the guard's counts itself); nothing is harvested."""
+        self._labels = None
+        rows = self.internal.probe_rows(labels, self.tables.max_tokens)
+        if rows is None:
+            if self._idx_dirty:
+                self.tables.steer_idx[: self._idx_dirty].zero_()
+                self._idx_dirty = 0
+            ops.set_step_live(False)
+            return
+        self._write_idx(rows, max(len(rows), self._idx_dirty))
+        self._idx_dirty = len(rows)
+        ops.set_step_live(True)
 
     def _write_idx(self, rows: np.ndarray, span: int) -> None:
         buf = np.zeros(span, dtype=np.int64)
@@ -467,6 +487,7 @@ class Runtime:
             "steering": self.steering.describe(),
             "live_requests": len(self.requests),
             "selftest": self.selftest,
+            "vllm_internal": self.internal.as_dict(),
             "config": {k: v for k, v in self.cfg.as_dict().items() if k != "address"},
         }
 

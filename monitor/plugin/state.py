@@ -6,6 +6,9 @@ from monitor.plugin.config import PluginConfig
 
 # One model (and so one runtime) per worker process; a list so readers see replacements.
 RUNTIME: list = [None]
+# Why this worker's model runs without the plugin although it is enabled and vLLM passed the
+# preflight (an architecture not in families.py, a failed self-test); None otherwise.
+IDLE: list[str | None] = [None]
 _CONFIG: list[PluginConfig | None] = [None]
 
 

@@ -42,9 +42,14 @@ def test_hello_status_and_selftest(eng):
     assert st["enabled"] and st["connected"] and st["sends"]
     assert st["hooked_layers"] == [0, 1, 2, 3]
     assert st["selftest"]["status"] == "passed", st["selftest"]
-    assert set(st["selftest"]["cases"]) == {"decode", "mixed"}
+    assert set(st["selftest"]["cases"]) == {"served", "decode", "mixed"}
     for case in st["selftest"]["cases"].values():  # the guard is live in the serving forward
         assert case["checks"]["nonfinite_guarded"] is True, case
+    # the served case went through the plugin's wrappers on execute_model's path, as requests do
+    served = st["selftest"]["cases"]["served"]["checks"]
+    assert served["wrapper_called"] and served["clamp_applied"] and served["add_applied"], served
+    assert st["vllm_internal"]["requests"] == {"selftest": 2}, st["vllm_internal"]
+    assert not [r for r in eng.sidecar.starts if r.startswith("_")]  # never announced
     hello = eng.sidecar.hellos[-1]
     assert hello.d_model == D_MODEL and list(hello.available_layers) == [0, 1, 2, 3]
     assert hello.dtype == pb.FLOAT32 and hello.max_tokens_per_step >= 256
@@ -91,11 +96,32 @@ def test_token_ids_are_the_prompt_then_the_generated_ids(eng):
     assert eng.sidecar.token_ids(rid) == {len(p) + k: out[k] for k in range(4)}
 
 
+def _steered_tokens(eng) -> dict:
+    return eng.status()["steering"]["tokens_steered"]
+
+
+def _increase(after: dict, before: dict) -> dict:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
+def _stats_reach(eng, counts: dict) -> bool:
+    """A PluginStats sent to the sidecar carries exactly these cumulative counts."""
+    return eng.sidecar.wait_for(lambda: any(
+        dict(s.policy_tokens_steered) == counts["policies"] and dict(s.rule_tokens_steered) == counts["rules"]
+        for s in list(eng.sidecar.stats)))
+
+
 def test_policy_steering_matches_hf(eng, hf):
     p = prompts(1, 24, seed=2)[0]
+    before = _steered_tokens(eng)
     out = eng.generate([p, p, p], 8, [{"steer": "policy", "case": "pol"},
                                       {"steer": "gated", "tenant": "acme", "case": "gated"},
                                       {"steer": "gated", "case": "nomatch"}])
+    # tokens steered, counted in the forward: every computed position of each policy's request
+    after = _steered_tokens(eng)
+    assert _increase(after["policies"], before["policies"]) == {"clamp_add": len(p) + 7, "gated": len(p) + 7}
+    assert after["rules"] == before["rules"]
+    assert _stats_reach(eng, after)  # and PluginStats carries them to the sidecar
     plain, plain_layers = hf.run(p, 8)
     for case, actions in (("pol", POLICY_CLAMP_ADD), ("gated", POLICY_GATED)):
         ref_gen, ref_layers = hf.run(p, 8, steer=[(0, actions)])
@@ -118,9 +144,11 @@ def test_cobatched_unsteered_request_is_bit_identical(eng):
 def test_directive_from_position_matches_hf(eng, hf):
     p = prompts(1, 20, seed=4)[0]
     fp = len(p) + 8
-    before = eng.status()["counters"]
+    before, steered = eng.status()["counters"], _steered_tokens(eng)
     out = eng.generate([p], 16, [{"directive_from": str(fp), "case": "dir"}])
     after = eng.status()["counters"]
+    # positions fp .. len(p) + 14 (the last generated token is never computed) ran the directive
+    assert _increase(_steered_tokens(eng)["rules"], steered["rules"]) == {"suppress": len(p) + 15 - fp}
     assert after["directives_applied"] == before["directives_applied"] + 1
     assert after["directives_late"] == before["directives_late"]
     ref_gen, ref_layers = hf.run(p, 16, steer=[(fp, DIRECTIVE)])
@@ -278,6 +306,7 @@ def test_guard_keeps_oversized_and_nonfinite_rows_out_of_the_stream(eng, hf):
         _set_plan(eng, make_plan())
     assert eng.sidecar.starts[eng.sidecar.find_request(case="g_bad")].steering_policy == "runaway"
     assert out == [plain, plain]
+    assert "runaway" not in st["steering"]["tokens_steered"]["policies"]  # every row refused: none steered
     c = st["counters"]
     assert c["steering_nonfinite_rows"] >= before["steering_nonfinite_rows"] + len(p)
     assert c["steering_nonfinite_dropped"] == before["steering_nonfinite_dropped"] + 2
@@ -287,3 +316,28 @@ def test_guard_keeps_oversized_and_nonfinite_rows_out_of_the_stream(eng, hf):
     # the tapped rows of the refused request are the unsteered stream (nothing near 1e5)
     acts = eng.sidecar.activations(eng.sidecar.find_request(case="g_bad"))
     assert max(float(np.abs(v).max()) for v in acts[1].values()) < 1e3
+
+
+def test_a_guarded_directive_steers_no_token(eng, hf):
+    """A directive whose every row the guard refuses: applied, refused, counted as 0 tokens steered."""
+    p = prompts(1, 20, seed=22)[0]
+    plain, _ = hf.run(p, 8)
+
+    def runaway(start: pb.RequestStart) -> list[pb.SteeringDirective]:
+        if start.metadata.get("case") != "g_dir":
+            return directive_on_start(start)
+        return [pb.SteeringDirective(directive_id="runaway-dir", request_id=start.request_id,
+                                     rule="runaway_rule", actions=[OVER_CAP_CLAMP])]
+
+    before, steered = eng.status()["counters"], _steered_tokens(eng)
+    eng.sidecar.on_start = runaway
+    try:
+        out = eng.generate([p], 8, [{"case": "g_dir"}])
+    finally:
+        eng.sidecar.on_start = directive_on_start
+    c = eng.status()["counters"]
+    assert out == [plain]
+    assert c["directives_applied"] == before["directives_applied"] + 1
+    assert c["steering_nonfinite_rows"] > before["steering_nonfinite_rows"]
+    assert c["steering_nonfinite_dropped"] == before["steering_nonfinite_dropped"] + 1
+    assert _steered_tokens(eng) == steered  # nothing steered, for no one

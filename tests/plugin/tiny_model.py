@@ -91,6 +91,42 @@ def build_tiny_llama(
     return path
 
 
+def build_tiny_stablelm(path: str | os.PathLike, *, seed: int = 0) -> Path:
+    """A float32 random-weight ``StableLmForCausalLM`` (vLLM's StableLM decoder layers return
+    ``(stream, stale residual)``, unlike Llama's ``(hidden, residual)``), the Llama's tokenizer."""
+    path = Path(path)
+    if (path / "config.json").exists():
+        return path
+    llama = build_tiny_llama(path.parent / (path.name + "_tok"), seed=seed)
+    path.mkdir(parents=True, exist_ok=True)
+
+    import shutil
+
+    import torch
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    for f in llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, path / f.name)
+    vocab = json.loads((llama / "config.json").read_text())["vocab_size"]
+    torch.manual_seed(seed)
+    cfg = StableLmConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, partial_rotary_factor=0.5,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                         torch_dtype="float32")
+    model = StableLmForCausalLM(cfg).to(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(str(path), safe_serialization=True)
+    gen = path / "generation_config.json"
+    if gen.exists():
+        gen.unlink()
+    return path
+
+
 if __name__ == "__main__":
     import sys
 

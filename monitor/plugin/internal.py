@@ -1,0 +1,74 @@
+"""Requests that are not user traffic but go through ``execute_model`` like it: the plugin's own
+self-test requests.
+
+They are never announced to the sidecar, never harvested, never steered by policies or
+directives, and counted (``/featurewatch/status`` → ``vllm_internal``). User request ids cannot
+match: vLLM appends ``-<random hex>`` to every request id it creates for a client, and the
+pattern below allows no ``-``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import numpy as np
+
+SELFTEST_PREFIX = "_featurewatch_selftest_"
+_SELFTEST = re.compile(re.escape(SELFTEST_PREFIX) + r"[a-z0-9_]*")
+
+
+def kind(req_id: str) -> str | None:
+    """'selftest' or None (a user request)."""
+    if not isinstance(req_id, str) or not req_id.startswith("_"):
+        return None
+    if _SELFTEST.fullmatch(req_id):
+        return "selftest"
+    return None
+
+
+class InternalRequests:
+    """Counts of internal requests and steps, and the self-test's probe (request id → steering
+    row, and the row of its last token) that the runtime applies to the probe's tokens."""
+
+    def __init__(self) -> None:
+        self.requests: Counter = Counter()
+        self.steps: Counter = Counter()
+        self.probe: dict[str, tuple[int, int]] | None = None
+        self.seen: list = []  # StepLabels of self-test steps the forward wrapper saw
+
+    def new_request(self, req_id: str) -> bool:
+        """True (and counted) when ``req_id`` is internal: the caller must not start it."""
+        k = kind(req_id)
+        if k is not None:
+            self.requests[k] += 1
+        return k is not None
+
+    def in_step(self, labels) -> bool:
+        """True (and counted) when the step runs an internal request: it is not harvested."""
+        kinds = {kind(r) for r in labels.req_ids} - {None}
+        if not kinds:
+            return False
+        self.steps["selftest" if "selftest" in kinds else "warmup"] += 1
+        if "selftest" in kinds:
+            self.seen.append(labels)
+        return True
+
+    def probe_rows(self, labels, max_tokens: int) -> np.ndarray | None:
+        """Per-token steering rows for a self-test step (None: nothing to steer)."""
+        if not self.probe:
+            return None
+        n = min(labels.num_tokens, max_tokens)
+        rows = np.zeros(n, dtype=np.int64)
+        qsl = labels.qsl
+        for i, rid in enumerate(labels.req_ids):
+            row, last = self.probe.get(rid, (0, 0))
+            lo, hi = int(qsl[i]), min(int(qsl[i + 1]), n)
+            if row and hi > lo:
+                rows[lo:hi] = row
+                if last:
+                    rows[hi - 1] = last
+        return rows if rows.any() else None
+
+    def as_dict(self) -> dict:
+        return {"requests": dict(self.requests), "steps": dict(self.steps)}
