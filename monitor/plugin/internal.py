@@ -1,10 +1,11 @@
-"""Requests that are not user traffic but go through ``execute_model`` like it: the plugin's own
-self-test requests.
+"""Requests that are not user traffic but go through ``execute_model`` like it: vLLM's warm-up
+steps (vLLM 0.32's V2 runner and 0.33's CPU warm-up build ``_warmup_<i>_`` and
+``_v2_mixed_warmup_{decode,prefill}_`` requests by hand) and the plugin's own self-test requests.
 
 They are never announced to the sidecar, never harvested, never steered by policies or
 directives, and counted (``/featurewatch/status`` → ``vllm_internal``). User request ids cannot
 match: vLLM appends ``-<random hex>`` to every request id it creates for a client, and the
-pattern below allows no ``-``.
+patterns below allow no ``-``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ from collections import Counter
 import numpy as np
 
 SELFTEST_PREFIX = "_featurewatch_selftest_"
+# vLLM's hand-built warm-up ids: _warmup_0_, _v2_mixed_warmup_decode_, _sparse_mla_v2_warmup_...
+_WARMUP = re.compile(r"_[a-z0-9_]*warmup[a-z0-9_]*_")
+_DUMMY = re.compile(r"_dummy_req_[0-9]+")
 _SELFTEST = re.compile(re.escape(SELFTEST_PREFIX) + r"[a-z0-9_]*")
 
 
 def kind(req_id: str) -> str | None:
-    """'selftest' or None (a user request)."""
+    """'selftest', 'warmup' or None (a user request)."""
     if not isinstance(req_id, str) or not req_id.startswith("_"):
         return None
     if _SELFTEST.fullmatch(req_id):
         return "selftest"
+    if _WARMUP.fullmatch(req_id) or _DUMMY.fullmatch(req_id):
+        return "warmup"
     return None
 
 
