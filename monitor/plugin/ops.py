@@ -109,6 +109,21 @@ def _tap_steer(
     do_tap: bool,
     max_norm: float = 1e5,
 ) -> torch.Tensor:
+    # The op runs inside vLLM's compiled graphs, where no Python around it can catch: any
+    # failure here returns the residual unchanged (vLLM's own stream; the step is neither
+    # harvested nor steered further) and is counted in wrapper_errors["tap_steer"].
+    try:
+        return _tap_steer_impl(hidden, residual, steer_idx, row_on, active, add, encg, bias,
+                               thr, gbias, val, dec, tap, nonfinite, do_tap, max_norm)
+    except Exception:  # noqa: BLE001
+        from monitor.plugin import failopen, state
+
+        failopen.failed("tap_steer", state.RUNTIME[0])  # and no harvest of this step
+        return residual.clone()
+
+
+def _tap_steer_impl(hidden, residual, steer_idx, row_on, active, add, encg, bias, thr, gbias,
+                    val, dec, tap, nonfinite, do_tap, max_norm):
     n = min(residual.shape[0], steer_idx.shape[0])
     res = residual[:n]
     if not _STEP["live"] and not capturing():
