@@ -146,6 +146,10 @@ def _wrap_add_request(orig):
             params = failopen.arg(args, kwargs, 2, "params")
             th = kwargs.get("trace_headers")
             tp = th.get("traceparent") if th else None
+            if not tp:  # vLLM <= 0.31 passes none without OTLP tracing: the HTTP request's own
+                from monitor.plugin.tracing import current
+
+                tp = current()
             if tp and getattr(params, "extra_args", "missing") != "missing" and \
                     type(params).__name__ == "SamplingParams":
                 from monitor.plugin.steering import PRIVATE_KEY

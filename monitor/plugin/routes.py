@@ -119,6 +119,9 @@ class FeaturewatchRoutes:
             return JSONResponse({**_summary(workers), "authenticated": True})
 
         app.include_router(router)
+        from monitor.plugin.tracing import install
+
+        install(app)  # the caller's traceparent where vLLM drops it (tracing.py)
 
     async def init_state(self, engine_client, state, args) -> None:
         self._engine = engine_client
