@@ -6,9 +6,11 @@
 #   docker build -t featurewatch:0.1.0-cuda \
 #       --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu124 .   # sidecar, GPU encode
 #   docker build -t vllm-featurewatch:0.1.0 --target vllm \
-#       --build-arg VLLM_IMAGE=vllm/vllm-openai:v0.11.0 .    # a vLLM image with the plugin added
+#       --build-arg VLLM_IMAGE=vllm/vllm-openai:v0.32.0 .    # a vLLM image with the plugin added
 #
-# The plugin needs nothing but `pip install featurewatch` inside vLLM's Python: it registers via
+# VLLM_IMAGE defaults to the vLLM release this project tests (0.32; the plugin supports
+# >=0.28.0,<0.33.0, docs/plugin.md). The plugin needs nothing but `pip install featurewatch` inside
+# vLLM's Python (it never installs vLLM or torch): it registers via
 # the `vllm.general_plugins` / `vllm.endpoint_plugins` entry points and reads FEATUREWATCH_ADDRESS.
 # The `vllm` stage installs it against the image's own torch (pinned, never replaced). To add it
 # to any other vLLM image, the same two lines work:
@@ -18,7 +20,7 @@
 # VLLM_PLUGINS=featurewatch,featurewatch_routes (see docs/deploy.md).
 
 ARG PYTHON_VERSION=3.11
-ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
+ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
 # ---- build: the featurewatch wheel ----------------------------------------------------------
 FROM python:${PYTHON_VERSION}-slim AS build
