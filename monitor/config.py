@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from monitor.evaluate.loader import MAX_BYTES, decode_utf8, load_yaml, shorten
 from monitor.files import read_regular_file
+from monitor.record.config import RecordConfig
 
 
 class _Strict(BaseModel):
@@ -97,6 +98,7 @@ class SidecarConfig(_Strict):
     tracing: TracingConfig = TracingConfig()
     encode_device: str = "cpu"
     encode_threads: int | None = None
+    record: RecordConfig | None = None  # the flight recorder (monitor/record), off unless given
     # The served model's tokenizer (a tokenizer.json or a directory holding one, read from disk):
     # alert events then carry their context as text; without it, only the token ids.
     tokenizer: Path | None = None
@@ -119,7 +121,8 @@ class SidecarConfig(_Strict):
         return os.environ.get(self.ingest_token_env) or None
 
     def layers(self) -> list[int]:
-        return sorted(set(self.tap_layers or [s.layer for s in self.sources]))
+        recorded = self.record.layers or [] if self.record is not None else []
+        return sorted(set(self.tap_layers or [s.layer for s in self.sources]) | set(recorded))
 
     def direction_roots(self, rules_file: Path | None = None) -> list[Path]:
         """Where direction files may come from: `direction_dirs`, else the rules file's directory."""
@@ -150,6 +153,9 @@ def load_config(path: str | Path) -> SidecarConfig:
         raw["tokenizer"] = str(base / raw["tokenizer"])
     if raw.get("rules_file") and not Path(raw["rules_file"]).is_absolute():
         raw["rules_file"] = str(base / raw["rules_file"])
+    record = raw.get("record")
+    if isinstance(record, dict) and isinstance(record.get("dir"), str) and not Path(record["dir"]).is_absolute():
+        record["dir"] = str(base / record["dir"])
     if isinstance(raw.get("direction_dirs"), list):
         raw["direction_dirs"] = [str(base / d) if isinstance(d, str) and not Path(d).is_absolute() else d
                                  for d in raw["direction_dirs"]]

@@ -27,6 +27,7 @@ from monitor.export.events import EventSink
 from monitor.export.metrics import SidecarMetrics
 from monitor.export.tracing import Tracing
 from monitor.pipeline import Pipeline, PipelineThread
+from monitor.record.recorder import recorder_for
 from monitor.protocol import pb, pb_grpc
 from monitor.receive.server import AdminService, IngestService, PluginStream
 from monitor.rules_file import RulesFileWatcher, RulesOrigin, describe, rules_origin
@@ -71,6 +72,8 @@ class Sidecar:
         self.requests = RequestTable(config.limits.max_tracked_requests, config.limits.request_idle_timeout_s)
         self.pipeline = Pipeline(compile_rules("", self.dictionaries), self.requests, self.metrics, self.events,
                                  self.tracing, self.steering, config.model_name)
+        # record: the flight recorder's own thread, handed references after each batch (None: off)
+        self.recorder = recorder_for(config, self.metrics.registry, lambda: self.rules.version)
         self.streams: set[PluginStream] = set()
         self._mismatched: set[PluginStream] = set()  # streams whose Hello.model_name is not ours
         self._warned_models: set[str] = set()
@@ -297,7 +300,9 @@ class Sidecar:
 
     def _handle(self, stream: PluginStream, item) -> None:
         if not isinstance(item, pb.PluginMessage):
-            self.pipeline.process(item, stream, self.send)
+            verdicts = self.pipeline.process(item, stream, self.send)
+            if self.recorder is not None:  # references only: the recorder's thread copies what it keeps
+                self.recorder.batch(item, verdicts)
             if not self._replan_pending and self._loop is not None and self.steering.norms.needs_replan():
                 self._replan_pending = True
                 self._loop.call_soon_threadsafe(self._replan)
@@ -307,8 +312,13 @@ class Sidecar:
             m = item.request_start
             info = RequestInfo(m.request_id, m.api_request_id, dict(m.metadata), m.traceparent, stream, m.steering_policy)
             self.pipeline.request_started(info, m.prompt_tokens, m.cached_prompt_tokens)
+            if self.recorder is not None:
+                self.recorder.request_started(info, m.prompt_tokens, m.started_unix_s)
         elif kind == "request_finish":
             self.pipeline.request_finished(item.request_finish.request_id)
+            if self.recorder is not None:
+                f = item.request_finish
+                self.recorder.request_finished(f.request_id, f.generated_tokens, f.finish_reason)
         elif kind == "stats":
             self.metrics.plugin_stats(stream.engine, item.stats, stream.id,
                                       f"{stream.hello.engine}|{stream.hello.instance}" if stream.hello.instance else "")
@@ -410,6 +420,8 @@ class Sidecar:
         if self._metrics_server is not None:
             self._metrics_server.shutdown()
         self.worker.stop()
+        if self.recorder is not None:
+            self.recorder.stop()  # writes what it holds
         self.metrics.unwatch_gc()
         self.events.close()
         self.tracing.shutdown()
