@@ -40,6 +40,8 @@ PROMPTS = ["the big cat was red and sleep to the river . the", "the old",
 # A test-only policy beside the page's: twice the residual norm (twenty times the README's scale;
 # about what the README's old `scale: -4` on this raw decoder row amounted to), to show the check bites.
 WRECK = "  - name: wreck\n    selector: {tenant: wreck}\n    steer: [{add: {source: my_topk_sae, feature: 5, scale: -2.0, scale_unit: residual_norm}}]\n"
+# The same wrecking add in shadow mode: computed and counted, never sent, so it changes nothing.
+SHADOW = WRECK.replace("name: wreck", "name: wreck_shadow").replace("tenant: wreck}", "tenant: shadow}\n    mode: shadow")
 
 
 def doc_block(name: str) -> str:
@@ -112,7 +114,7 @@ def served(tmp_path_factory):
     work = tmp_path_factory.mktemp("quickstart")
     assets = build_assets(work)
     # the page's files, as written; only the socket and ports are the test's own
-    (work / "rules.yaml").write_text(doc_block("rules.yaml") + WRECK)
+    (work / "rules.yaml").write_text(doc_block("rules.yaml") + WRECK + SHADOW)
     config = yaml.safe_load(doc_block("featurewatch.yaml"))
     assert config["rules_file"] == "rules.yaml" and config["model_name"] == "my-model"
     config.update(socket=str(work / "fw.sock"), grpc_port=free_port(), metrics_port=free_port(),
@@ -121,7 +123,7 @@ def served(tmp_path_factory):
     validate = Served(work, assets, sidecar, "").featurewatch("rules", "validate", "rules.yaml", "--config",
                                                                "featurewatch.yaml")
     assert validate.returncode == 0, validate.stdout + validate.stderr
-    assert "3 rules, 2 policies valid (schema and references)" in validate.stdout, validate.stdout
+    assert "3 rules, 3 policies valid (schema and references)" in validate.stdout, validate.stdout
     sidecar.start()
     port = free_port()
     env = {**os.environ, "FEATUREWATCH_ADDRESS": sidecar.socket_address,
@@ -252,6 +254,54 @@ def test_the_readme_add_on_a_topk_feature_keeps_the_output_fluent(served):
     assert same <= 0.5 and nll >= base_nll + 1.0, (same, nll, base_nll)
 
 
+def test_tokens_steered_by_a_policy_and_a_shadow_policy_that_changes_nothing(served):
+    """The plugin counts the tokens its forward steered (featurewatch_plugin_tokens_steered_total):
+    every computed position of a policy's request. A policy in shadow mode is counted and audited
+    by the sidecar but never reaches the plugin: the output is the unsteered one."""
+    def plan_policies() -> set:
+        plan = served.plugin_status()["workers"][0]["plan"]  # None until the worker's first step
+        return set(plan["policies"]) if plan else set()
+    if "acme" not in plan_policies():  # run alone: unsteered traffic for the residual norm acme's add needs
+        for p in PROMPTS:
+            served.complete(p)
+    wait_for(lambda: "acme" in plan_policies(), "the acme policy in the plugin's plan (once the norm is known)")
+    assert "wreck_shadow" not in plan_policies()
+
+    def tokens(policy: str) -> float:  # metric_value cannot take a label called `name`
+        return sum(float(line.split()[-1]) for line in served.sidecar.metrics().splitlines()
+                   if line.startswith("featurewatch_plugin_tokens_steered_total{") and 'kind="policy"' in line
+                   and re.search(f'[{{,]name="{policy}"', line))
+
+    prompt = "the happy cat was green and run to the tree . the old fish was"  # no other test's prompt
+    for attempt in range(3):  # the engine core may decide on the previous plan's policy view once
+        applied = served.metric("featurewatch_steering_actions_total", rule="acme", trigger="policy", mode="enforce")
+        before = tokens("acme")
+        out = served.complete(prompt, max_tokens=12, xargs={"tenant": "acme"}, request_id=f"acme-count-{attempt}")
+        try:
+            wait_for(lambda: served.metric("featurewatch_steering_actions_total", rule="acme", trigger="policy",
+                                           mode="enforce") > applied, "policy acme applied", timeout=15)
+            break
+        except AssertionError:
+            continue
+    else:
+        raise AssertionError("policy acme never applied")
+    computed = len(out["prompt_ids"]) + len(out["ids"]) - 1  # a new prompt, salted by the policy: nothing cached
+    wait_for(lambda: tokens("acme") >= before + computed, lambda: f"{computed} tokens steered (have {tokens('acme') - before})")
+    assert tokens("acme") == before + computed
+
+    plain = served.complete(prompt, max_tokens=12)
+    shadow_before = served.metric("featurewatch_steering_actions_total", rule="wreck_shadow", mode="shadow")
+    shadowed = served.complete(prompt, max_tokens=12, xargs={"tenant": "shadow"}, request_id="shadow-1")
+    assert shadowed["ids"] == plain["ids"]  # enforced, this add wrecks the output (the wreck policy)
+    wait_for(lambda: served.metric("featurewatch_steering_actions_total", rule="wreck_shadow", trigger="policy",
+                                   mode="shadow") == shadow_before + 1, "the shadow policy counted")
+    event = wait_for(lambda: [e for e in served.events() if e["kind"] == "steering" and e.get("mode") == "shadow"
+                              and e.get("api_request_id") == "cmpl-shadow-1"], "the shadow steering event")[0]
+    assert event["policy"] == "wreck_shadow" and event["actions"] == ["add"]
+    assert served.metric("featurewatch_steering_actions_total", rule="wreck_shadow", mode="enforce") == 0
+    assert tokens("wreck_shadow") == 0
+
+
 def test_the_rules_in_force_come_from_the_rules_file_and_apply_writes_it(served):
     rules = served.work / "rules.yaml"
     got = served.featurewatch("rules", "get")
@@ -280,3 +330,4 @@ def test_the_sidecar_stops_cleanly(served):
     log = served.sidecar.log()
     assert "draining" in log and "Traceback" not in log
     assert "leaked" not in log and "serves model" not in log, log[-3000:]  # names match: no mismatch warning
+
