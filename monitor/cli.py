@@ -24,6 +24,9 @@ steering_app = typer.Typer(help="The steering kill switch.", no_args_is_help=Tru
 app.add_typer(rules_app, name="rules")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(steering_app, name="steering")
+from monitor.record.cli import record_app  # noqa: E402  (the flight recorder's reader)
+
+app.add_typer(record_app, name="record")
 app.add_typer(model_app, name="model")
 register_authoring(app, rules_app)  # features compare, probes train, rules calibrate/backtest
 console = Console(soft_wrap=True)
