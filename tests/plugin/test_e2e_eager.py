@@ -73,6 +73,15 @@ def test_tap_matches_hf(eng, hf):
             hs = hf.model(torch.tensor([p + ref_gen[:-1]]), output_hidden_states=True).hidden_states
         for layer in (0, 1, 2):
             np.testing.assert_allclose(ref_layers[layer], hs[layer + 1][0].numpy(), atol=1e-5)
+        # The last layer's tap is the residual stream before the final norm — the sum the last
+        # decoder layer outputs — while HF's hidden_states[-1] is after the norm.
+        got = eng.sidecar.activations(rid)[3]
+        last = np.stack([got[q] for q in range(len(p) + 5)])
+        np.testing.assert_allclose(last, ref_layers[3], atol=1e-4)  # the last layer's output
+        with torch.no_grad():
+            normed = hf.model.model.norm(torch.from_numpy(last)).numpy()
+        np.testing.assert_allclose(normed, hs[-1][0].numpy(), atol=1e-4)
+        assert np.abs(last - hs[-1][0].numpy()).max() > 0.1  # not HF's last hidden_states
     assert eng.sidecar.wait_for(lambda: len(eng.sidecar.finishes) >= 2)
     fin = eng.sidecar.finishes[eng.sidecar.find_request(case="tap0")]
     assert fin.generated_tokens == 6
