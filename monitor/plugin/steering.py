@@ -148,6 +148,10 @@ class SteeringState:
         self.requests: dict[str, RequestSteering] = {}
         self.local_override: bool | None = None  # /featurewatch/steering (kill switch, local)
         self.steered = SteeredTokens()  # tokens actually steered, per policy and rule
+        # row -> {the sources its tokens run: live segments}; rows run for more than one set of
+        # sources (identical programs of different policies) are counted request by request
+        self._row_sources: dict[int, dict[tuple[str, ...], int]] = {}
+        self._ambiguous = 0  # rows with more than one set of sources
 
     # -- plan / connection
 
@@ -246,8 +250,25 @@ class SteeringState:
     def _clear(self, req_id: str) -> None:
         rs = self.requests.pop(req_id, None)
         if rs:
+            self._track(rs, -1)
             for _, actions, _ in rs.segments:
                 self.table.release(actions)
+
+    def _track(self, rs: RequestSteering, sign: int) -> None:
+        """Keep ``_row_sources`` (which sources each row in use runs) as segments come and go."""
+        for (_, _, row), srcs in zip(rs.segments, rs.seg_sources):
+            if not row:
+                continue
+            per = self._row_sources.setdefault(row, {})
+            before = len(per)
+            n = per.get(srcs, 0) + sign
+            if n > 0:
+                per[srcs] = n
+            else:
+                per.pop(srcs, None)
+            self._ambiguous += (len(per) > 1) - (before > 1)
+            if not per:
+                del self._row_sources[row]
 
     def _set_sources(self, req_id: str, sources: dict[str, tuple[int, tuple[Action, ...]]]) -> bool:
         starts = sorted({fp for fp, _ in sources.values()})
@@ -269,6 +290,7 @@ class SteeringState:
             return False
         old = self.requests.get(req_id)
         if old:
+            self._track(old, -1)
             for _, program, _ in old.segments:
                 self.table.release(program)
         segs = new_segments
@@ -278,7 +300,7 @@ class SteeringState:
                 self.table.release(program)
             return True
         hooked = self.table.slot_of_layer
-        self.requests[req_id] = RequestSteering(
+        self.requests[req_id] = rs = RequestSteering(
             sources=sources,
             segments=segs,
             seg_sources=[tuple(sorted(k for k, (fp, acts) in sources.items()
@@ -287,6 +309,7 @@ class SteeringState:
             starts=np.array([s for s, _, _ in segs], dtype=np.int64),
             rows=np.array([r for _, _, r in segs], dtype=np.int64),
         )
+        self._track(rs, +1)
         return True
 
     def drop_nonfinite(self, bad_keys: set[str]) -> tuple[int, list[str]]:
@@ -321,6 +344,7 @@ class SteeringState:
         if not self.active:
             return None
         out = None
+        per_request = sources is not None and self._ambiguous > 0
         for rid, rs in self.requests.items():
             i = req_index.get(rid)
             if i is None or not rs.segments:
@@ -333,7 +357,7 @@ class SteeringState:
             if out is None:
                 out = np.zeros(n, dtype=np.int64)
             out[a:b] = rows
-            if sources is not None:
+            if per_request:
                 per_seg = np.bincount(k[k >= 0], minlength=len(rs.segments)).tolist()
                 for j, count in enumerate(per_seg):
                     row = int(rs.rows[j])
@@ -343,6 +367,11 @@ class SteeringState:
                             into[key] = into.get(key, 0) + count
         if out is None or not out.any():
             return None
+        if sources is not None and not per_request:  # each row runs one set of sources: one bincount
+            counts = np.bincount(out)
+            for r in np.flatnonzero(counts[1:]).tolist():
+                (srcs,) = self._row_sources[r + 1]
+                sources[r + 1] = dict.fromkeys(srcs, int(counts[r + 1]))
         return out
 
     def describe(self) -> dict:

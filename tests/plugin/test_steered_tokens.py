@@ -99,3 +99,26 @@ def test_names_are_bounded(monkeypatch):
     t.add({"policy:a": 1, "policy:b": 2, "policy:c": 3, "directive:r": 4})
     t.add({"policy:d": 5, "policy:a": 1})
     assert t.snapshot() == {"policies": {"a": 2, "b": 2, "other": 8}, "rules": {"r": 4}}
+
+
+def test_a_row_shared_by_different_sources_is_counted_per_request():
+    """Identical programs share a row; when different policies run it, one count per row would not
+    say whose tokens they were, so those steps are counted request by request."""
+    rt = _runtime()
+    a = pb.SteeringPolicy(name="a", selector={"t": "a"}, actions=[GOOD[0].pb()])
+    b = pb.SteeringPolicy(name="b", selector={"t": "b"}, actions=[GOOD[0].pb()])
+    rt._on_message(pb.SidecarMessage(plan=_plan(a, b)))
+    rt.pre_step(type("S", (), {"scheduled_new_reqs": (), "finished_req_ids": ()})())
+    reqs = [_new_request("ra", 3, t="a"), _new_request("rb", 2, t="b"), _new_request("rb2", 1, t="b")]
+    _decide(rt, reqs)
+    hidden, residual = torch.randn(6, D), torch.randn(6, D)
+    _step(rt, reqs, ["ra", "rb", "rb2"], [3, 2, 1], hidden, residual)
+    st = rt.steering
+    assert len({int(r) for rs in st.requests.values() for r in rs.rows}) == 1  # one row for all three
+    assert _counts(rt) == ({"a": 3, "b": 3}, {})
+    rt.pre_step(type("S", (), {"scheduled_new_reqs": (), "finished_req_ids": ("ra",)})())
+    assert st._ambiguous == 0  # only b's requests run the row now: back to one count per row
+    _step(rt, (), ["rb", "rb2"], [1, 1], hidden[:2], residual[:2])
+    assert _counts(rt) == ({"a": 3, "b": 5}, {})
+    rt.pre_step(type("S", (), {"scheduled_new_reqs": (), "finished_req_ids": ("rb", "rb2")})())
+    assert st._row_sources == {} and st._ambiguous == 0
