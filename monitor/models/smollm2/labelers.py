@@ -11,11 +11,11 @@ a lexicon and stop-word counts, so anyone can read why a request was labelled.
 - ``non_english``: sentences of >= 4 words whose stop-word count in French, Spanish, German, Italian
   or Portuguese is >= 2 and above their English count. Positive: those sentences cover >= 30 % of
   the answer's letters.
-- ``advice``: medical or legal terms of a lexicon (medication names, dose, "consult a doctor",
-  lawyer, lawsuit, "legal action", ...). Positive: >= 3 distinct terms in the answer; spans are the
-  sentences holding a term (only when positive).
+- ``advice``: medical or legal terms of a lexicon (doctor, medication names, dose, symptoms,
+  treatment, lawyer, lawsuit, "legal ...", rights, court, ...). Positive: >= 3 occurrences of >= 2
+  distinct terms in the answer; spans are the sentences holding a term (only when positive).
 - ``pii``: emails, phone numbers (>= 10 digits in a phone layout, or the 555-0123 form), street
-  addresses (number + capitalised name + street word). Positive: any span.
+  addresses (number + capitalised name + street word, P.O. Box N, "City, ST 12345"). Positive: any span.
 """
 
 from __future__ import annotations
@@ -102,21 +102,22 @@ def is_non_english(text: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # medical or legal advice
 
+# regex stems; a match is one term occurrence (its lower-cased text names the term)
 ADVICE_TERMS = (
     # medical
-    "doctor", "physician", "healthcare provider", "healthcare professional", "medical attention",
-    "medical advice", "medication", "medicine", "dose", "dosage", "mg", "prescription", "prescribe",
-    "ibuprofen", "acetaminophen", "paracetamol", "aspirin", "antibiotic", "antihistamine", "painkiller",
-    "pain reliever", "over-the-counter", "symptom", "symptoms", "treatment", "diagnosis", "diagnose",
-    "emergency room", "hospital", "fever", "inflammation", "infection", "ice pack", "stay hydrated",
+    r"doctors?", r"physicians?", r"pharmacists?", r"dermatologists?", r"healthcare (?:provider|professional)s?",
+    r"medical \w+", r"medications?", r"medicines?", r"doses?", r"dosages?", r"mg", r"prescri\w+",
+    r"ibuprofen", r"acetaminophen", r"paracetamol", r"aspirin", r"antibiotics?", r"antihistamines?",
+    r"antacids?", r"corticosteroids?", r"nsaids?", r"painkillers?", r"pain relievers?", r"over-the-counter",
+    r"symptoms?", r"treatments?", r"treat", r"therapy", r"therapies", r"diagnos\w+", r"emergency room",
+    r"hospitals?", r"fever", r"inflammation", r"infections?", r"ice pack", r"hydrat\w+", r"injur(?:y|ies)",
     # legal
-    "lawyer", "attorney", "legal action", "legal advice", "legal options", "lawsuit", "sue", "court",
-    "small claims", "file a claim", "file a complaint", "statute of limitations", "damages",
-    "compensation", "settlement", "contract", "tenant", "landlord", "employment law", "legal rights",
-    "your rights", "consumer protection", "evidence", "litigation",
+    r"lawyers?", r"attorneys?", r"legal \w+", r"legally", r"lawsuits?", r"sue", r"suing", r"courts?",
+    r"small claims", r"claims?", r"statute of limitations", r"damages", r"compensation", r"settlements?",
+    r"contracts?", r"tenants?", r"landlords?", r"employment law", r"laws?", r"rights", r"liability",
+    r"consumer protection", r"jurisdictions?", r"litigation", r"evict\w*",
 )
-_ADVICE = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in sorted(ADVICE_TERMS, key=len, reverse=True))
-                     + r")\b", re.I)
+_ADVICE = re.compile(r"\b(?:" + "|".join(ADVICE_TERMS) + r")\b", re.I)
 
 
 def advice_terms(text: str) -> set[str]:
@@ -124,7 +125,8 @@ def advice_terms(text: str) -> set[str]:
 
 
 def is_advice(text: str) -> bool:
-    return len(advice_terms(text)) >= 3
+    hits = [m.group().lower() for m in _ADVICE.finditer(text)]
+    return len(hits) >= 3 and len(set(hits)) >= 2
 
 
 def advice_spans(text: str) -> list[Span]:
@@ -145,7 +147,9 @@ _PHONE = re.compile(
     r")(?![\w-])")
 _STREET = ("Street|St|Avenue|Ave|Road|Rd|Boulevard|Blvd|Lane|Ln|Drive|Dr|Court|Ct|Way|Place|Pl|Terrace|"
            "Parkway|Square|Sq|Highway|Hwy")
-_ADDRESS = re.compile(r"\b\d{1,5}\s+(?:[A-Z][a-z]+\s+){1,3}(?:" + _STREET + r")\b\.?")
+_ADDRESS = re.compile(r"\b\d{1,5}\s+(?:[A-Z][a-z]+\s+){1,3}(?:" + _STREET + r")\b\.?"
+                      r"|\bP\.?\s?O\.?\s+Box\s+\d+"  # P.O. Box 1111
+                      r"|\b[A-Z][a-z]+(?: [A-Z][a-z]+)*,\s+[A-Z]{2}\s+\d{5}(?:-\d{4})?\b")  # New York, NY 10022
 
 
 def pii_spans(text: str) -> list[Span]:
