@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -95,8 +96,10 @@ def scan_shards(root: Path) -> dict[int, set[str]]:
     return found
 
 
-def write_atomic(path: Path, data: bytes | memoryview, fsync: bool = True) -> int:
-    """Write ``data`` to a temporary file beside ``path`` (mode 0600), then rename it over ``path``."""
+def write_atomic(path: Path, data, fsync: bool = True) -> int:
+    """Write ``data`` (bytes, or a list of buffers written in turn) to a temporary file beside
+    ``path`` (mode 0600), then rename it over ``path``."""
+    parts = data if isinstance(data, list) else [data]
     tmp = path.with_name(f".{path.name}{TMP_SUFFIX}")
     try:
         tmp.unlink()  # a leftover of a killed writer
@@ -104,8 +107,10 @@ def write_atomic(path: Path, data: bytes | memoryview, fsync: bool = True) -> in
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
+        written = 0
         with os.fdopen(fd, "wb", closefd=True) as f:
-            f.write(data)
+            for part in parts:
+                written += f.write(part)
             f.flush()
             if fsync:
                 os.fsync(f.fileno())
@@ -116,7 +121,7 @@ def write_atomic(path: Path, data: bytes | memoryview, fsync: bool = True) -> in
         except OSError:
             pass
         raise
-    return len(data)
+    return written
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -129,31 +134,62 @@ def write_manifest(root: Path, manifest: Manifest) -> int:
     return write_atomic(root / MANIFEST, json.dumps(manifest.model_dump(mode="json"), indent=1).encode())
 
 
-def write_shard(root: Path, number: int, layers: dict[int, torch.Tensor], token_ids, positions, generated,
+ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32",
+             torch.uint8: "U8"}
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    t = t.contiguous()
+    return memoryview(t.view(torch.uint8).numpy() if t.numel() else b"").cast("B")
+
+
+def safetensors_parts(tensors: dict[str, list[torch.Tensor]], metadata: dict[str, str]) -> list:
+    """A safetensors file as a list of buffers: the header, then each tensor's pieces (row blocks
+    concatenated along dim 0) as they are in memory, so a shard is written without assembling it."""
+    header: dict = {"__metadata__": metadata}
+    parts, offset = [], 0
+    for name, pieces in tensors.items():
+        first = pieces[0]
+        rows = sum(int(p.shape[0]) for p in pieces)
+        views = [_raw(p) for p in pieces]
+        size = sum(v.nbytes for v in views)
+        header[name] = {"dtype": ST_DTYPES[first.dtype], "shape": [rows, *first.shape[1:]], "data_offsets": [offset, offset + size]}
+        parts.extend(views)
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return [len(text).to_bytes(8, "little"), text, *parts]
+
+
+def write_shard(root: Path, number: int, layers: dict[int, list[torch.Tensor]], token_ids, positions, generated,
                 request_index, requests: list[dict], fsync: bool = True) -> int:
     """Write one shard's three files (the requests table last); returns the bytes written.
 
-    ``layers``: ``{layer: [n, d_model]}`` in the wire dtype; the label arrays have n entries;
-    ``requests``: rows of REQUESTS_SCHEMA (each request's tokens contiguous, from token_start)."""
-    from safetensors.torch import save
-
+    ``layers``: ``{layer: [n_i, d_model] blocks}`` in the wire dtype, n rows in all; the label arrays
+    have n entries; ``requests``: rows of REQUESTS_SCHEMA (each request's tokens contiguous, from token_start)."""
     files = shard_files(root, number)
-    tensors = {f"layer.{layer}": t.contiguous() for layer, t in layers.items()}
-    tensors["token_id"] = torch.as_tensor(token_ids, dtype=torch.int64)
-    tensors["position"] = torch.as_tensor(positions, dtype=torch.int64)
-    tensors["generated"] = torch.as_tensor(generated, dtype=torch.uint8)
-    tensors["request"] = torch.as_tensor(request_index, dtype=torch.int32)
-    written = write_atomic(files["safetensors"], save(tensors, metadata={"format": SHARD_FORMAT, "version": str(VERSION)}),
-                           fsync)
+    labels = {"token_id": torch.as_tensor(np.asarray(token_ids, np.int64)),
+              "position": torch.as_tensor(np.asarray(positions, np.int64)),
+              "generated": torch.as_tensor(np.asarray(generated).astype(np.uint8)),
+              "request": torch.as_tensor(np.asarray(request_index, np.int32))}
+    tensors = {f"layer.{layer}": blocks if isinstance(blocks, list) else [blocks] for layer, blocks in layers.items()}
+    tensors.update({k: [v] for k, v in labels.items()})
+    written = write_atomic(files["safetensors"],
+                           safetensors_parts(tensors, {"format": SHARD_FORMAT, "version": str(VERSION)}), fsync)
     ids = [r["request_id"] for r in requests]
-    index = tensors["request"].numpy()
-    tokens = pa.table({"request_id": pa.array(ids, pa.string()).take(pa.array(index)),
-                       "position": tensors["position"].numpy(), "token_id": tensors["token_id"].numpy(),
-                       "generated": tensors["generated"].numpy().astype(bool)}, schema=TOKENS_SCHEMA)
+    tokens = pa.table({"request_id": pa.array(ids, pa.string()).take(pa.array(labels["request"].numpy())),
+                       "position": labels["position"].numpy(), "token_id": labels["token_id"].numpy(),
+                       "generated": labels["generated"].numpy().astype(bool)}, schema=TOKENS_SCHEMA)
     written += write_atomic(files["tokens.parquet"], parquet_bytes(tokens), fsync)
     table = pa.Table.from_pylist(requests, schema=REQUESTS_SCHEMA)
     written += write_atomic(files["requests.parquet"], parquet_bytes(table), fsync)
     return written
+
+
+def warm_up() -> None:
+    """Import what writing a shard imports lazily (pyarrow's Parquet writer): an import on the
+    recorder's thread would hold the interpreter lock for a third of a second at the first shard."""
+    parquet_bytes(pa.Table.from_pylist([], schema=REQUESTS_SCHEMA))
 
 
 def remove_shard(root: Path, number: int) -> int:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from monitor.record.config import RecordConfig
-from monitor.record.format import DTYPE_NAMES, Manifest
+from monitor.record.format import DTYPE_NAMES, Manifest, warm_up
 from monitor.record.metrics import RecordMetrics
 from monitor.record.writer import IncompatibleRecording, RecordingDir, ShardBuilder, request_row
 
@@ -91,6 +91,7 @@ class Recorder:
         self._logged: set[str] = set()
         self._last_idle_check = time.monotonic()
         self._layer_index: dict[tuple, torch.Tensor | None] = {}
+        warm_up()
         self._thread = threading.Thread(target=self._run, name="featurewatch-recorder", daemon=True)
         self._thread.start()
 
@@ -349,13 +350,14 @@ class Recorder:
 
     # shards -------------------------------------------------------------------------------------
     def _add_to_shard(self, state: _Request, generated_tokens: int, finish_reason: str, finished: float) -> None:
-        acts = torch.cat([c[0] for c in state.chunks], dim=1)
+        acts = [c[0] for c in state.chunks]  # row blocks, written as they are (no copy)
         positions = np.concatenate([c[1] for c in state.chunks])
         token_ids = np.concatenate([c[2] for c in state.chunks]).astype(np.int64)
         generated = np.concatenate([c[3] for c in state.chunks]).astype(bool)
-        order = np.argsort(positions, kind="stable")
-        if (order != np.arange(order.size)).any():
-            acts, positions, token_ids, generated = acts[:, torch.from_numpy(order)], positions[order], token_ids[order], generated[order]
+        if positions.size > 1 and (np.diff(positions) <= 0).any():  # rare: chunks out of order
+            order = np.argsort(positions, kind="stable")
+            acts = [torch.cat(acts, dim=1)[:, torch.from_numpy(order)]]
+            positions, token_ids, generated = positions[order], token_ids[order], generated[order]
         self._free(state)
         if finish_reason == "unfinished":
             generated_tokens = int(generated.sum())

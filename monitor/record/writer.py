@@ -49,22 +49,24 @@ class ShardBuilder:
     def __len__(self) -> int:
         return len(self.requests)
 
-    def add(self, row: dict, acts: torch.Tensor, positions: np.ndarray, token_ids: np.ndarray, generated: np.ndarray) -> None:
-        """``row``: the request's REQUESTS_SCHEMA fields but token_start/token_count; ``acts`` [L, n, d]."""
+    def add(self, row: dict, acts, positions: np.ndarray, token_ids: np.ndarray, generated: np.ndarray) -> None:
+        """``row``: the request's REQUESTS_SCHEMA fields but token_start/token_count; ``acts``: its
+        rows [L, n, d], or a list of row blocks [L, n_i, d] in order (kept as they are: no copy)."""
         n = int(positions.shape[0])
+        blocks = acts if isinstance(acts, list) else [acts]
         self.requests.append({**row, "token_start": self.n_tokens, "token_count": n})
-        self._acts.append(acts)
+        self._acts.extend(blocks)
         self._labels.append((positions, token_ids, generated))
         self.n_tokens += n
-        self.nbytes += acts.element_size() * acts.numel() + n * 17
+        self.nbytes += sum(b.element_size() * b.numel() for b in blocks) + n * 17
 
     def write(self, root: Path, number: int, fsync: bool = True) -> int:
-        acts = torch.cat(self._acts, dim=1) if self._acts else torch.empty(len(self.layers), 0, 0)
+        blocks = [b for b in self._acts if b.shape[1]] or [torch.empty(len(self.layers), 0, 0)]
         positions = np.concatenate([p for p, _, _ in self._labels]) if self._labels else np.zeros(0, np.int64)
         token_ids = np.concatenate([t for _, t, _ in self._labels]) if self._labels else np.zeros(0, np.int64)
         generated = np.concatenate([g for _, _, g in self._labels]) if self._labels else np.zeros(0, bool)
         index = np.repeat(np.arange(len(self.requests), dtype=np.int32), [r["token_count"] for r in self.requests])
-        return write_shard(root, number, {layer: acts[i] for i, layer in enumerate(self.layers)}, token_ids, positions,
+        return write_shard(root, number, {layer: [b[i] for b in blocks] for i, layer in enumerate(self.layers)}, token_ids, positions,
                            generated, index, self.requests, fsync=fsync)
 
 
