@@ -369,9 +369,9 @@ class SteeringState:
             return None
         if sources is not None and not per_request:  # each row runs one set of sources: one bincount
             counts = np.bincount(out)
-            for r in np.flatnonzero(counts[1:]).tolist():
-                (srcs,) = self._row_sources[r + 1]
-                sources[r + 1] = dict.fromkeys(srcs, int(counts[r + 1]))
+            for r in (np.flatnonzero(counts[1:]) + 1).tolist():
+                for srcs in self._row_sources.get(r, {}):  # exactly one (no row is ambiguous)
+                    sources[r] = dict.fromkeys(srcs, int(counts[r]))
         return out
 
     def describe(self) -> dict:
