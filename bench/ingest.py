@@ -8,6 +8,9 @@ wire-encoded by the real plugin's encoder and sent from a generator as the plugi
   2. the real `featurewatch serve` process (SAE subset encode + probes + rules) over its Unix socket
      and over TCP loopback, open loop at full speed: accepted GB/s, processed tokens/s, drops;
      1 and 2 alternate for --rounds rounds and the medians are reported;
+  2b. recording off vs on (`record:` at --record-sample, 5 % by default): the same sidecar config with
+     and without the flight recorder, fed the same stream (requests finish as they end, so sampled
+     requests are written as shards), over the Unix socket, interleaved in the same rounds;
   3. latency at nominal load (a fixed fraction of the measured capacity), with a planted feature in
      every batch: client-side send -> steering directive received (p50/p99), and the sidecar's own
      featurewatch_token_to_verdict_seconds histogram.
@@ -151,6 +154,9 @@ def blast(address: str, d: int, seconds: float, make) -> dict:
         while time.perf_counter() - start < seconds:
             sent["batches"] += 1
             msg = make(sent["batches"])
+            if isinstance(msg, list):  # control messages (request finishes) before the batch
+                yield from msg[:-1]
+                msg = msg[-1]
             sent["bytes"] += len(msg)
             yield msg
 
@@ -228,12 +234,26 @@ def histogram_quantile(before: str, after: str, name: str, q: float) -> float:
     return float("nan")
 
 
-def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int) -> dict:
+def with_finishes(step: int, batch: bytes, n_requests: int, phase: str, steps_per_request: int = 64):
+    """``batch``, preceded by the RequestFinish of the previous generation's requests when a new one
+    starts (the recorder writes a request when it finishes)."""
+    generation, offset = divmod(step, steps_per_request)
+    if offset or not generation:
+        return batch
+    return [pb.PluginMessage(request_finish=pb.RequestFinish(request_id=f"{phase}-{generation - 1}-{i}", finish_reason="length"))
+            for i in range(n_requests)] + [batch]
+
+
+def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int,
+                       finishes: bool = False) -> dict:
     phase = f"blast{time.monotonic_ns()}"
     before = sc.metrics()
     cpu = cpu_seconds(sc.proc.pid)
     start = time.perf_counter()
-    r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase))
+    if finishes:
+        r = blast(address, d, seconds, lambda step: with_finishes(step, make_batch(step, x, n_requests, phase), n_requests, phase))
+    else:
+        r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase))
     # Wait for the queue to drain so "processed" counts everything accepted.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -247,9 +267,12 @@ def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, 
     tokens = metric(text, "featurewatch_tokens_processed_total") - metric(before, "featurewatch_tokens_processed_total")
     accepted = metric(text, "featurewatch_received_bytes_total") - metric(before, "featurewatch_received_bytes_total")
     dropped = metric(text, "featurewatch_batches_dropped_total") - metric(before, "featurewatch_batches_dropped_total")
+    recorded = {k: metric(text, f"featurewatch_record_{k}") - metric(before, f"featurewatch_record_{k}")
+                for k in ("requests_total", "tokens_total", "bytes_written_total", "batches_dropped_total",
+                          "requests_dropped_total")}
     return {"sent_gbps": r["bytes"] / elapsed / 1e9, "accepted_gbps": accepted / elapsed / 1e9, "tokens_per_s": tokens / elapsed,
             "batches": r["batches"], "dropped": int(dropped), "cpu_s_per_gb": cpu / (accepted / 1e9),
-            "sender_cpu_s_per_gb": r["sender_cpu_s_per_gb"]}
+            "sender_cpu_s_per_gb": r["sender_cpu_s_per_gb"], "recorded": recorded}
 
 
 def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int,
@@ -299,6 +322,8 @@ def main() -> None:
     ap.add_argument("--latency-load", type=float, default=None, metavar="TOKENS_PER_S",
                     help="latency phase load in tokens/s instead (e.g. half the capacity measured in another run)")
     ap.add_argument("--latency-only", action="store_true", help="skip the throughput rounds (needs --latency-load)")
+    ap.add_argument("--record-sample", type=float, default=0.05, help="record.sample of the recording-on sidecar")
+    ap.add_argument("--no-record", action="store_true", help="skip the recording off/on comparison")
     args = ap.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="fw-bench-"))
@@ -318,21 +343,38 @@ def main() -> None:
     sink = Sink(tmp)
     paths = ("unix", "tcp")
     rounds = []
-    with SidecarProcess(tmp, config) as sc:
-        addresses = {"unix": sc.socket_address, "tcp": sc.tcp_address}
-        for _ in range(0 if args.latency_only else args.rounds):  # interleaved, so drifts in machine load hit both sides alike
-            row = {}
-            for path in paths:
-                row[f"sink_{path}"], row[f"sink_cpu_{path}"] = sink.throughput(path, args.d, x, args.seconds, args.requests)
-                row[path] = sidecar_throughput(sc, addresses[path], args.d, x, args.seconds, args.requests)
-            rounds.append(row)
-        capacity = float(np.median([r["unix"]["tokens_per_s"] for r in rounds])) if rounds else float("nan")
-        load = args.latency_load if args.latency_load else capacity * args.nominal
-        lat = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype)
+    recording = None
+    if not args.no_record and not args.latency_only:
+        (tmp / "rec").mkdir()
+        rec_config = {**config, "socket": str(tmp / "rec" / "fw.sock"), "grpc_port": free_port(), "metrics_port": free_port(),
+                      "record": {"dir": str(tmp / "rec" / "recording"), "sample": args.record_sample,
+                                 "max_bytes": 2 << 30}}
+        recording = SidecarProcess(tmp / "rec", rec_config).start()
+    try:
+        with SidecarProcess(tmp, config) as sc:
+            addresses = {"unix": sc.socket_address, "tcp": sc.tcp_address}
+            for _ in range(0 if args.latency_only else args.rounds):  # interleaved, so drifts in machine load hit both sides alike
+                row = {}
+                for path in paths:
+                    row[f"sink_{path}"], row[f"sink_cpu_{path}"] = sink.throughput(path, args.d, x, args.seconds, args.requests)
+                    row[path] = sidecar_throughput(sc, addresses[path], args.d, x, args.seconds, args.requests)
+                if recording is not None:  # the same stream, requests finishing, to the sidecar without and with record:
+                    row["record_off"] = sidecar_throughput(sc, sc.socket_address, args.d, x, args.seconds, args.requests, True)
+                    row["record_on"] = sidecar_throughput(recording, recording.socket_address, args.d, x, args.seconds,
+                                                          args.requests, True)
+                rounds.append(row)
+            capacity = float(np.median([r["unix"]["tokens_per_s"] for r in rounds])) if rounds else float("nan")
+            load = args.latency_load if args.latency_load else capacity * args.nominal
+            lat = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype)
+    finally:
+        if recording is not None:
+            recording.stop()
     sink.close()
 
     if rounds:
         report_rounds(rounds, paths, inproc, capacity, args, x)
+        if recording is not None:
+            report_recording(rounds, args)
     print(f"\nlatency at {lat['offered_tokens_per_s']:.0f} tokens/s offered (unix socket): "
           f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
           f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
@@ -357,6 +399,23 @@ def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
           " sends as the plugin does (its cost inside vLLM's process)")
     print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * x.itemsize / 1e9:.2f} GB/s {args.dtype}; "
           f"the unix-socket sidecar reached {capacity / inproc:.2f} of it (median)")
+
+def report_recording(rounds, args) -> None:
+    print(f"\nrecording off vs on (record.sample {args.record_sample}, unix socket, requests finishing every 64 steps)")
+    print(f"{'round':<6} {'off GB/s':>9} {'on GB/s':>8} {'ratio':>6} {'off tokens/s':>13} {'on tokens/s':>12} "
+          f"{'recorded req':>13} {'tokens':>8} {'MB written':>11} {'rec. dropped batches/requests':>30}")
+    for i, row in enumerate(rounds, 1):
+        off, on = row["record_off"], row["record_on"]
+        rec = on["recorded"]
+        print(f"{i:<6} {off['accepted_gbps']:>9.2f} {on['accepted_gbps']:>8.2f} {on['accepted_gbps'] / off['accepted_gbps']:>6.2f} "
+              f"{off['tokens_per_s']:>13.0f} {on['tokens_per_s']:>12.0f} {rec['requests_total']:>13.0f} {rec['tokens_total']:>8.0f} "
+              f"{rec['bytes_written_total'] / 1e6:>11.1f} {rec['batches_dropped_total']:>20.0f}/{rec['requests_dropped_total']:<9.0f}")
+    med = lambda f: float(np.median([f(row) for row in rounds]))  # noqa: E731
+    print(f"median {med(lambda r: r['record_off']['accepted_gbps']):>9.2f} {med(lambda r: r['record_on']['accepted_gbps']):>8.2f} "
+          f"{med(lambda r: r['record_on']['accepted_gbps'] / r['record_off']['accepted_gbps']):>6.2f} "
+          f"{med(lambda r: r['record_off']['tokens_per_s']):>13.0f} {med(lambda r: r['record_on']['tokens_per_s']):>12.0f}  "
+          f"(tokens/s ratio {med(lambda r: r['record_on']['tokens_per_s'] / r['record_off']['tokens_per_s']):.2f})")
+
 
 if __name__ == "__main__":
     main()
