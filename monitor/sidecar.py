@@ -300,9 +300,12 @@ class Sidecar:
 
     def _handle(self, stream: PluginStream, item) -> None:
         if not isinstance(item, pb.PluginMessage):
-            verdicts = self.pipeline.process(item, stream, self.send)
-            if self.recorder is not None:  # references only: the recorder's thread copies what it keeps
-                self.recorder.batch(item, verdicts)
+            verdicts = []
+            try:
+                verdicts = self.pipeline.process(item, stream, self.send)
+            finally:  # (a batch the pipeline failed on is still recorded: a recorded request has no holes)
+                if self.recorder is not None:  # references only: the recorder's thread copies what it keeps
+                    self.recorder.batch(item, verdicts)
             if not self._replan_pending and self._loop is not None and self.steering.norms.needs_replan():
                 self._replan_pending = True
                 self._loop.call_soon_threadsafe(self._replan)
