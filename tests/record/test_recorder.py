@@ -193,3 +193,29 @@ def test_rotation_through_the_recorder(tmp_path):
     assert recording.shards[0] > 1 and [r.request_id for r in recording.iter_requests()][-1] == "r39"
     disk = sum(p.stat().st_size for p in (tmp_path / "rec").glob("shard-*"))
     assert disk <= 1 << 20 and value(registry, "featurewatch_record_disk_bytes") == disk
+
+
+def test_requests_in_flight_at_stop_are_written_unfinished(tmp_path):
+    rec, _ = recorder(tmp_path, sample=1.0)
+    start(rec, "a")
+    rec.batch(make_batch([("a", 0, False), ("a", 1, True), ("a", 2, True)]), [])
+    rec.stop()
+    [r] = list(Recording.open(tmp_path / "rec").iter_requests())
+    assert r.finish_reason == "unfinished" and r.generated_tokens == 2 and r.positions.tolist() == [0, 1, 2]
+
+
+def test_a_foreign_recording_in_the_directory_is_left_alone(tmp_path):
+    rec, _ = recorder(tmp_path, sample=1.0)
+    start(rec, "a")
+    rec.batch(make_batch([("a", 0, False)]), [])
+    rec.request_finished("a", 0, "stop")
+    rec.stop()
+    before = sorted(p.name for p in (tmp_path / "rec").iterdir())
+    other_registry = CollectorRegistry()
+    other = Recorder(RecordConfig(dir=tmp_path / "rec", sample=1.0), "m", RecordMetrics(other_registry), [1])
+    start(other, "b")
+    other.batch(make_batch([("b", 0, False)], layers=(1,)), [])  # layers [1], not [1, 2]
+    other.request_finished("b", 0, "stop")
+    other.stop()
+    assert sorted(p.name for p in (tmp_path / "rec").iterdir()) == before
+    assert value(other_registry, "featurewatch_record_requests_dropped_total", reason="incompatible") == 1
