@@ -27,6 +27,7 @@ from monitor.record.format import (DTYPES, FORMAT, KINDS, MANIFEST, REQUESTS_SCH
                                    scan_shards, shard_files)
 
 MAX_MANIFEST_BYTES = 1 << 20
+ST_NAMES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 class RecordingError(ValueError):
@@ -144,6 +145,8 @@ class Recording:
                 for layer in layers:
                     s = f.get_slice(f"layer.{layer}")
                     shape, dtype = list(s.get_shape()), s.get_dtype()
+                    if dtype != ST_NAMES[m.dtype]:
+                        raise RecordingError(f"{file}: layer.{layer} is {dtype}, but {MANIFEST} says {m.dtype}")
                     if shape != [n, m.d_model]:
                         raise RecordingError(f"{file}: layer.{layer} has shape {shape}, expected [{n}, {m.d_model}] "
                                              f"(d_model {m.d_model} in {MANIFEST})")

@@ -7,7 +7,6 @@ import threading
 from types import SimpleNamespace
 
 import numpy as np
-import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
