@@ -348,7 +348,7 @@ def main() -> None:
         (tmp / "rec").mkdir()
         rec_config = {**config, "socket": str(tmp / "rec" / "fw.sock"), "grpc_port": free_port(), "metrics_port": free_port(),
                       "record": {"dir": str(tmp / "rec" / "recording"), "sample": args.record_sample,
-                                 "max_bytes": 2 << 30}}
+                                 "max_bytes": 2 << 30, "flush_interval_s": 0.5}}  # shards written within each phase
         recording = SidecarProcess(tmp / "rec", rec_config).start()
     try:
         with SidecarProcess(tmp, config) as sc:
@@ -403,18 +403,22 @@ def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
 def report_recording(rounds, args) -> None:
     print(f"\nrecording off vs on (record.sample {args.record_sample}, unix socket, requests finishing every 64 steps)")
     print(f"{'round':<6} {'off GB/s':>9} {'on GB/s':>8} {'ratio':>6} {'off tokens/s':>13} {'on tokens/s':>12} "
-          f"{'recorded req':>13} {'tokens':>8} {'MB written':>11} {'rec. dropped batches/requests':>30}")
+          f"{'recorded req':>13} {'tokens':>8} {'MB written':>11} {'rec. dropped batches/requests':>30} {'CPU s/GB off':>13} {'on':>5}")
     for i, row in enumerate(rounds, 1):
         off, on = row["record_off"], row["record_on"]
         rec = on["recorded"]
         print(f"{i:<6} {off['accepted_gbps']:>9.2f} {on['accepted_gbps']:>8.2f} {on['accepted_gbps'] / off['accepted_gbps']:>6.2f} "
               f"{off['tokens_per_s']:>13.0f} {on['tokens_per_s']:>12.0f} {rec['requests_total']:>13.0f} {rec['tokens_total']:>8.0f} "
-              f"{rec['bytes_written_total'] / 1e6:>11.1f} {rec['batches_dropped_total']:>20.0f}/{rec['requests_dropped_total']:<9.0f}")
+              f"{rec['bytes_written_total'] / 1e6:>11.1f} {rec['batches_dropped_total']:>20.0f}/{rec['requests_dropped_total']:<9.0f} "
+              f"{off['cpu_s_per_gb']:>13.2f} {on['cpu_s_per_gb']:>5.2f}")
     med = lambda f: float(np.median([f(row) for row in rounds]))  # noqa: E731
     print(f"median {med(lambda r: r['record_off']['accepted_gbps']):>9.2f} {med(lambda r: r['record_on']['accepted_gbps']):>8.2f} "
           f"{med(lambda r: r['record_on']['accepted_gbps'] / r['record_off']['accepted_gbps']):>6.2f} "
           f"{med(lambda r: r['record_off']['tokens_per_s']):>13.0f} {med(lambda r: r['record_on']['tokens_per_s']):>12.0f}  "
-          f"(tokens/s ratio {med(lambda r: r['record_on']['tokens_per_s'] / r['record_off']['tokens_per_s']):.2f})")
+          f"(tokens/s ratio {med(lambda r: r['record_on']['tokens_per_s'] / r['record_off']['tokens_per_s']):.2f}; sidecar CPU s/GB "
+          f"off {med(lambda r: r['record_off']['cpu_s_per_gb']):.2f}, on {med(lambda r: r['record_on']['cpu_s_per_gb']):.2f}: "
+          f"one core would carry {med(lambda r: r['record_off']['cpu_s_per_gb'] / r['record_on']['cpu_s_per_gb']):.2f} of the "
+          f"throughput with recording on)")
 
 
 if __name__ == "__main__":
