@@ -90,3 +90,19 @@ def test_bad_input_is_one_line(tmp_path):
     st.write_bytes(st.read_bytes()[:100])
     result = runner.invoke(app, ["record", "show", str(tmp_path / "rec"), "--request", "r1"])
     assert result.exit_code == 2 and "shard-000001.safetensors: unreadable shard" in result.output
+
+
+def test_show_with_a_sidecar_config_uses_its_sources_and_tokenizer(tmp_path):
+    import yaml
+
+    make_recording(tmp_path / "rec")
+    sae = write_saelens_jumprelu(tmp_path / "sae", D)
+    probes = write_probe_bank(tmp_path / "probes.safetensors", D)
+    (tmp_path / "fw.yaml").write_text(yaml.safe_dump({
+        "sources": [{"name": "sae", "kind": "sae", "layer": 1, "path": str(sae)},
+                    {"name": "probes", "kind": "probes", "layer": 1, "path": str(probes)}],
+        "tokenizer": str(TOKENIZER)}))
+    result = runner.invoke(app, ["record", "show", str(tmp_path / "rec"), "-r", "cmpl-r1", "--config", str(tmp_path / "fw.yaml")])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert "generated: the model" in out and "sae (L1) top 3" in out and "planted (L1)" in out
