@@ -51,10 +51,13 @@ class NonfiniteGuard:
 
     def after_step(self) -> None:
         """After a steered forward: start reading the counts back (one read-back in flight)."""
-        for r, per in self._step_sources.items():
-            into = self._sources.setdefault(r, {})
-            for key, n in per.items():
-                into[key] = into.get(key, 0) + n
+        if not self._sources:  # the usual case: every step is read back before the next
+            self._sources = self._step_sources
+        else:
+            for r, per in self._step_sources.items():
+                into = self._sources.setdefault(r, {})
+                for key, n in per.items():
+                    into[key] = into.get(key, 0) + n
         self._step_sources = {}
         if self._pending is not None or not self._since:
             return
@@ -87,14 +90,14 @@ class NonfiniteGuard:
             return 0, set(), {}
         self._pending = None
         c = counts.numpy() if isinstance(counts, torch.Tensor) else counts
+        total = int(c.sum())
         steered: dict[str, int] = {}
         for r, per in sources.items():
-            refused = int(c[r]) if r < len(c) else 0
+            refused = int(c[r]) if total and r < len(c) else 0
             for key, n in per.items():
                 n -= min(refused, n)
                 if n:
                     steered[key] = steered.get(key, 0) + n
-        total = int(c.sum())
         if not total:
             return 0, set(), steered
         keys: set[str] = set()

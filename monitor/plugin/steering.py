@@ -369,9 +369,11 @@ class SteeringState:
             return None
         if sources is not None and not per_request:  # each row runs one set of sources: one bincount
             counts = np.bincount(out)
-            for r in (np.flatnonzero(counts[1:]) + 1).tolist():
+            counts[0] = 0
+            nz = np.flatnonzero(counts)
+            for r, c in zip(nz.tolist(), counts[nz].tolist()):
                 for srcs in self._row_sources.get(r, {}):  # exactly one (no row is ambiguous)
-                    sources[r] = dict.fromkeys(srcs, int(counts[r]))
+                    sources[r] = dict.fromkeys(srcs, c)
         return out
 
     def describe(self) -> dict:
