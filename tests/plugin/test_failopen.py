@@ -88,6 +88,7 @@ def test_preflight_names_a_renamed_request_field(monkeypatch):
 
 _REGISTER = r"""
 import json, logging, os, sys
+import vllm  # configures logging first (vLLM 0.28 disables loggers that existed before)
 records = []
 class H(logging.Handler):
     def emit(self, r): records.append(r.getMessage())

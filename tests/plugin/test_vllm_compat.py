@@ -82,3 +82,27 @@ def test_the_table():
     assert md[3] == "| 0.31.0 | A.b missing \\| x | 3 passed, 3 failed, 0 skipped | fails |"
     assert md[4] == "| 0.28.0 | not run | — | not installed (`pip` failed) |"
     assert vc.Result("0.30.0", installed=True).verdict == "no tests ran"
+
+
+def test_reuse_skips_the_installs_of_an_environment_installed_before(tmp_path, monkeypatch):
+    import subprocess
+
+    ran: list[list[str]] = []
+
+    def fake_run(cmd, log, timeout):
+        ran.append(cmd)
+        out = "null\n" if "-c" in cmd and "compat" in cmd[-1] else ""
+        return subprocess.CompletedProcess(cmd, 0, out)
+
+    monkeypatch.setattr(vc, "_run", fake_run)
+    tests = ["tests/plugin/test_families.py"]
+    cmds = vc.plan("0.31.0", tmp_path, tests, "python3")
+    r = vc.run_version("0.31.0", tmp_path, tests, "python3", 60, reuse=True)
+    assert ran == cmds and r.installed and r.preflight == "ok"  # nothing installed before
+    assert r.note == "pytest exited 0 without a report"
+    ran.clear()
+    vc.run_version("0.31.0", tmp_path, tests, "python3", 60, reuse=True)
+    assert ran == cmds[-3:]  # featurewatch reinstalled, preflight, tests
+    ran.clear()
+    vc.run_version("0.31.0", tmp_path, tests, "python3", 60, reuse=False)
+    assert ran == cmds
