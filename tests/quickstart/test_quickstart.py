@@ -298,6 +298,8 @@ def test_tokens_steered_by_a_policy_and_a_shadow_policy_that_changes_nothing(ser
     event = wait_for(lambda: [e for e in served.events() if e["kind"] == "steering" and e.get("mode") == "shadow"
                               and e.get("api_request_id") == "cmpl-shadow-1"], "the shadow steering event")[0]
     assert event["policy"] == "wreck_shadow" and event["actions"] == ["add"]
+    tail = served.featurewatch("alerts", "tail", "--last", "50").stdout
+    assert "wreck_shadow mode=shadow api_request_id=cmpl-shadow-1" in tail, tail
     assert served.metric("featurewatch_steering_actions_total", rule="wreck_shadow", mode="enforce") == 0
     assert tokens("wreck_shadow") == 0
 
