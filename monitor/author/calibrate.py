@@ -73,13 +73,19 @@ def check_size(n_benign: int, fpr: float, where: str) -> None:
 
 
 def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, source: str,
-              progress=None) -> tuple[list[Calibrated], str]:
-    """New thresholds for every rule of ``setup`` and the rules text with them written in."""
+              progress=None, only: list[str] | None = None) -> tuple[list[Calibrated], str]:
+    """New thresholds for every rule of ``setup`` (or the rules named in ``only``) and the rules
+    text with them written in."""
     from monitor.author.rewrite import set_thresholds
 
     if not 0 < fpr < 1:
         raise AuthorError(f"--fpr must lie strictly between 0 and 1, got {fpr}")
     rules = setup.rules
+    names = [r.name for r in rules.rules]
+    unknown = sorted(set(only or ()) - set(names))
+    if unknown:
+        raise AuthorError(f"{setup.rules_path}: no rule {unknown[0]!r} (has: {names[:20]})")
+    selected = [r for r in rules.rules if not only or r.name in only]
     n_benign = sum(r.request_id in benign for r in requests)
     check_size(n_benign, fpr, source)
     crit, is_benign = [], []
@@ -92,7 +98,7 @@ def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, sou
     values = np.concatenate(crit) if crit else np.zeros((0, len(rules.rules)))
     is_benign = np.asarray(is_benign, dtype=bool)
     chosen: dict[str, float] = {}
-    for rule in rules.rules:
+    for rule in selected:
         above = above_at_fpr(values[is_benign, rule.index], fpr)
         if math.isnan(above):
             raise AuthorError(f"{source}: rule {rule.name!r} has no in-scope tokens in any benign request "
@@ -104,7 +110,7 @@ def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, sou
         text = set_thresholds(setup.text, chosen, str(setup.rules_path))
         compiled = rp.recompile(text, setup.dictionaries, setup.config, setup.rules_path)
         fired = _fired_counts(compiled, benign_requests)
-        over = [name for name, n in fired.items() if n > allowed]
+        over = [name for name, n in fired.items() if n > allowed and name in chosen]
         if not over:
             break
         for name in over:
@@ -115,7 +121,7 @@ def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, sou
     others = [r for r in requests if r.request_id not in benign]
     fired_other = _fired_counts(compiled, others)
     report = [Calibrated(rule.name, rule.window, rule.above, chosen[rule.name], n_benign, allowed, fired[rule.name],
-                         len(others), fired_other[rule.name]) for rule in rules.rules]
+                         len(others), fired_other[rule.name]) for rule in selected]
     return report, text
 
 

@@ -264,11 +264,11 @@ def probes_train(
     table = Table(title=f"Probes written to {escape(str(out))} (layer {layer}); held-out {reports[0].heldout_requests} "
                         f"of {reports[0].heldout_requests + reports[0].train_requests} requests, per {per}")
     for col in ("probe", "pos. held-out req.", f"AUROC ({per})", f"TPR@{fpr:g}", "FPR", "benign units", "AUROC (request)",
-                "TPR (request)", "threshold"):
+                "TPR (request)", "FPR (request)", "threshold"):
         table.add_column(col, justify="right" if col != "probe" else "left")
     for r in reports:
         table.add_row(escape(r.name), str(r.heldout_positive), _num(r.auroc), _num(r.tpr), _num(r.fpr), str(r.benign_units),
-                      _num(r.request_auroc), _num(r.request_tpr), _num(r.threshold, 4))
+                      _num(r.request_auroc), _num(r.request_tpr), _num(r.request_fpr), f"{r.threshold:.4g}")
     console.print(table)
     for r in reports:
         for w in r.warnings:
@@ -284,6 +284,8 @@ def rules_calibrate(
     config: Path = typer.Option(..., "--config", "-c", help="The sidecar config the rules run under (its SAEs and probes)."),
     fpr: float = typer.Option(0.01, "--fpr", help="Per-request false-positive target on the benign requests."),
     benign: str = typer.Option("all", "--benign", help="The benign requests (a set: labels:FILE, not:labels:FILE, KEY=VALUE, …; default all)."),
+    rule: Optional[List[str]] = typer.Option(None, "--rule", "-r", help="Calibrate only this rule (repeatable; default: every rule), "
+                                                                         "e.g. each concept's rules against the requests without that concept."),
     tokenizer: Optional[Path] = TokenizerOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the calibrated rules here."),
     write: bool = typer.Option(False, "--write", help="Write the calibrated thresholds back into RULES."),
@@ -307,7 +309,7 @@ def rules_calibrate(
         progress, step = _progress(rec.requests.num_rows, "encoding")
         with progress:
             requests = list(rec.iter_requests(layers=setup.rules.layers))
-            report, text = calibrate(setup, requests, benign_ids, fpr, str(recording), step)
+            report, text = calibrate(setup, requests, benign_ids, fpr, str(recording), step, only=rule or None)
         target = rules if write else out
         if target is not None:
             _write_text(target, text)

@@ -124,7 +124,9 @@ class Demo:
             "store": {"kind": "memory"}, "encode_threads": 1,
         }
         if self.o.record:  # for the authoring loop (docs/authoring.md)
-            config["record"] = {"dir": str(self.work / "recording"), "sample": 1.0, "flush_interval_s": 2.0}
+            # every request: a queue deep enough that a busy CPU delays the recorder rather than drops (tiny batches)
+            config["record"] = {"dir": str(self.work / "recording"), "sample": 1.0, "flush_interval_s": 2.0,
+                                "queue_batches": 65536}
         (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
         (self.work / "rules.yaml").write_text(demo_rules(m, "none"))
         self._spawn("sidecar", [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.work / "featurewatch.yaml")])

@@ -30,7 +30,13 @@ pytestmark = pytest.mark.vllm
 
 MARGIN_AUROC = 0.05  # trained probes and found features: AUROC at least the shipped one minus this
 MARGIN_TPR = 0.25  # TPR at the 1 % FPR threshold: ~15 held-out positive requests, so one miss is ~7 %
-MARGIN_PR = 0.10  # calibrated rules: precision and recall at least the shipped rules' (same recording) minus this
+# Calibrated rules against the shipped rules on the same recording: recall at least theirs minus
+# MARGIN_RECALL; precision at least theirs minus MARGIN_PRECISION, two false positives among the ~16-20
+# true ones: the one fire a 1 % target permits on ~130 requests without the concept, and one more for
+# requests the recording did not have. The shipped thresholds were set on thousands of corpus
+# documents, so they are stricter than 1 % of this recording allows.
+MARGIN_RECALL = 0.10
+MARGIN_PRECISION = 0.15
 NEUTRAL = 110  # >= 100 benign requests: the fewest at which 1 % is one request (calibrate refuses fewer)
 PER_CONCEPT = 20
 
@@ -60,7 +66,8 @@ def served(tmp_path_factory):
             rec = Recording.open(rec_dir) if (rec_dir / "recording.json").exists() else None
             if rec is not None and rec.requests.num_rows >= len(sent):
                 break
-            assert time.monotonic() < deadline, f"the recording holds {rec.requests.num_rows if rec else 0} of {len(sent)} requests"
+            assert time.monotonic() < deadline, (f"the recording holds {rec.requests.num_rows if rec else 0} of {len(sent)} "
+                                                 f"requests; recorder metrics:\n{_record_metrics(demo)}")
             time.sleep(0.5)
         recorded_alerts = sum(len(x) for x in rec.requests.column("rules_fired").to_pylist())
         while True:
@@ -92,7 +99,11 @@ def test_traffic_was_recorded_with_every_token_and_its_text(served):
     n_mentions = {c: 0 for c in corpus.CONCEPTS}
     for r in rec.iter_requests(layers=[]):
         s = by_api[r.api_request_id.removeprefix("cmpl-")]
-        assert detok.decode(r.token_ids[r.generated]) == s.text  # the recorded ids are the generation
+        # the recorded ids are the generation but its last token, which the model never reads (no forward
+        # pass follows the last sampling step, so there are no activations of it to tap)
+        recorded = detok.decode(r.token_ids[r.generated])
+        assert recorded and s.text.startswith(recorded), (recorded, s.text)
+        assert r.generated.sum() <= 19  # max_tokens 20, the last never tapped
         for c in corpus.CONCEPTS:
             n_mentions[c] += bool(corpus.find_mentions(s.text, c))
     assert min(n_mentions.values()) >= PER_CONCEPT // 2, n_mentions  # the eliciting prompts elicited
@@ -113,6 +124,13 @@ def test_probes_train_reaches_the_shipped_probes_quality(served, tmp_path):
         assert probe["request_auroc"] >= shipped["probe_valid_doc_auroc"] - MARGIN_AUROC, probe
         assert probe["tpr"] >= shipped["probe_valid_token_tpr_at_threshold"] - MARGIN_TPR, probe
         assert probe["fpr"] <= 0.01 + 1e-9
+
+
+def _record_metrics(demo) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{demo.metrics_port}/metrics", timeout=10) as r:
+        return "\n".join(line for line in r.read().decode().splitlines() if line.startswith("featurewatch_record"))
 
 
 def _pii_pattern() -> str:
@@ -158,17 +176,21 @@ def test_backtest_raises_exactly_the_live_alerts(served):
 
 
 def test_calibrated_demo_rules_meet_the_target_and_keep_the_shipped_quality(served, tmp_path):
+    """Each concept's rules calibrated to 1 % of the requests that do not mention that concept."""
     shipped = {r["rule"]: r for r in _backtest(served, served["rules"])["rules"]}
     calibrated = tmp_path / "rules.yaml"
     calibrated.write_text(demo_rules(served["manifest"], "none"))
-    code, out, errs = run("rules", "calibrate", calibrated, served["rec"], "--config", served["config"], "--fpr", 0.01,
-                          "--benign", f"not:labels:{served['labels']}", "--write", "--json")
-    assert code == 0, errs
-    report = json.loads(out)
-    for r in report["rules"]:
-        assert r["benign"] >= 100 and r["benign_fired"] <= r["allowed"] == r["benign"] // 100, r
+    for concept in served["manifest"]["concepts"]:
+        code, out, errs = run("rules", "calibrate", calibrated, served["rec"], "--config", served["config"], "--fpr", 0.01,
+                              "--rule", f"{concept}_feature", "--rule", f"{concept}_probe",
+                              "--benign", f"not:labels:{served['labels']}#{concept}", "--write", "--json")
+        assert code == 0, errs
+        report = json.loads(out)
+        assert [r["rule"] for r in report["rules"]] == [f"{concept}_feature", f"{concept}_probe"]
+        for r in report["rules"]:
+            assert r["benign"] >= 100 and r["benign_fired"] <= r["allowed"] == r["benign"] // 100, r
     after = {r["rule"]: r for r in _backtest(served, calibrated)["rules"]}
     for name, before in shipped.items():
         print(name, "shipped", before, "calibrated", after[name])
-        assert after[name]["precision"] >= before["precision"] - MARGIN_PR, (name, before, after[name])
-        assert after[name]["recall"] >= before["recall"] - MARGIN_PR, (name, before, after[name])
+        assert after[name]["precision"] >= before["precision"] - MARGIN_PRECISION, (name, before, after[name])
+        assert after[name]["recall"] >= before["recall"] - MARGIN_RECALL, (name, before, after[name])
