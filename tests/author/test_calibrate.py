@@ -115,3 +115,15 @@ def test_an_aliased_above_is_refused_not_silently_shared():
            "  - name: b\n    signal: {source: s, feature: 2}\n    above: *t\n"
     with pytest.raises(AuthorError, match="rule 'b'.*alias"):
         set_thresholds(text, {"b": 2.0}, "r.yaml")
+
+
+def test_only_the_named_rules_are_calibrated(setup):
+    reqs = _traffic()
+    benign = {r.request_id for r in reqs if r.request_id.startswith("neg")}
+    report, text = calibrate(setup, reqs, benign, 0.01, "rec", only=["feat_count"])
+    assert [r.rule for r in report] == ["feat_count"]
+    first = RULES.index("above: 100.0")
+    second = RULES.index("above: 100.0", first + 1)  # feat_count's; feat_token and probe_ema keep theirs
+    assert text == RULES[:second] + f"above: {format_number(report[0].above)}" + RULES[second + len("above: 100.0"):]
+    with pytest.raises(AuthorError, match="no rule 'nope'"):
+        calibrate(setup, reqs, benign, 0.01, "rec", only=["nope"])
