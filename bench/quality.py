@@ -181,11 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--model", choices=("demo", "smollm2"), default="demo",
+                   help="smollm2: the real model's SAE and probes on its held-out prompts (issue 13)")
+    p.add_argument("--recording", type=Path, default=None,
+                   help="smollm2: the build's labelled recording (default <cache>/builds/smollm2/recording)")
     a = p.parse_args(argv)
+    if a.model == "smollm2":
+        return smollm2(a, argv)
     B.set_threads(a.threads)
     res = evaluate(a.assets, a.seed, a.docs, a.prompts, a.max_new_tokens)
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print_table(res, command.strip())
+    if a.json:
+        a.json.parent.mkdir(parents=True, exist_ok=True)
+        a.json.write_text(json.dumps(res, indent=2) + "\n")
+    return 0
+
+
+def smollm2(a, argv) -> int:
+    """Per concept, held-out prompts, per request: probe AUROC and TPR at 1 % FPR, the best SAE
+    feature chosen on the training split and its gap (monitor/models/smollm2/quality.py)."""
+    import torch
+
+    from monitor.models.smollm2 import build as SB
+    from monitor.models.smollm2 import quality as Q
+
+    torch.set_num_threads(a.threads)
+    assets = a.assets if a.assets != B.ASSETS else SB.ASSETS
+    res = Q.evaluate(assets, a.recording or SB.default_out() / "recording")
+    print(Q.table(res))
+    print("Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2) + "\n")

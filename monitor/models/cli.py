@@ -39,3 +39,20 @@ def model_fetch(name: str = typer.Argument("smollm2", help="Model to fetch: smol
         err.print(f"error: {e}", markup=False, highlight=False)
         raise typer.Exit(2)
     print(folder)
+
+
+@model_app.command("build")
+def model_build(name: str = typer.Argument("smollm2", help="Model to build detectors for: smollm2."),
+                out: Optional[Path] = typer.Option(None, "--out", help="Work folder: generations and the labelled "
+                                                                       "recording (default <cache>/builds/smollm2)."),
+                assets: Optional[Path] = typer.Option(None, "--assets", help="Where the SAE, probes and manifest go "
+                                                                             "(default: the package's assets)."),
+                steps: Optional[int] = typer.Option(None, "--steps", help="SAE training steps (default 3000).")) -> None:
+    """Deterministic build of NAME's SAE, probes and labelled recording (vLLM answers, then training on CPU)."""
+    if name != "smollm2":
+        Console(stderr=True).print(f"error: no build for model {name!r}; known: smollm2", markup=False)
+        raise typer.Exit(2)
+    from monitor.models.smollm2 import build as B
+
+    cfg = B.Config() if steps is None else B.Config(steps=steps)
+    B.build(out or B.default_out(), cfg, assets or B.ASSETS)

@@ -53,14 +53,30 @@ class LayerEdit:
         self.remove()
 
 
+class _Stop(Exception):
+    pass
+
+
 @torch.no_grad()
 def collect(model, sequences: Sequence[Sequence[int]], layer: int) -> list[torch.Tensor]:
-    """Layer ``layer``'s output for every token of every sequence, ``[len, d]`` float32 each."""
+    """Layer ``layer``'s output for every token of every sequence, ``[len, d]`` float32 each
+    (the forward stops after that layer: the later layers are not needed)."""
     out = []
-    with LayerEdit(model, layer) as tap:
+
+    def hook(_m, _inp, output):
+        x = output[0] if isinstance(output, tuple) else output
+        out.append(x[0].detach().float().clone())
+        raise _Stop
+
+    handle = model.model.layers[layer].register_forward_hook(hook)
+    try:
         for ids in sequences:
-            model.model(input_ids=torch.tensor([list(ids)]), use_cache=False)
-            out.append(tap.last[0].float().clone())
+            try:
+                model.model(input_ids=torch.tensor([list(ids)]), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
     return out
 
 
