@@ -19,7 +19,9 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from monitor.cli import app
@@ -61,7 +63,7 @@ def served(tmp_path_factory):
         demo.start_vllm()
         sent = demo.traffic("rec")
         rec_dir = work / "recording"
-        deadline = time.monotonic() + 120  # bounds only a failure
+        deadline = time.monotonic() + 180  # bounds only a failure
         while True:
             rec = Recording.open(rec_dir) if (rec_dir / "recording.json").exists() else None
             if rec is not None and rec.requests.num_rows >= len(sent):
@@ -97,15 +99,20 @@ def test_traffic_was_recorded_with_every_token_and_its_text(served):
     by_api = {s.api_id: s for s in served["sent"]}
     detok = Detokenizer(served["tokenizer"])
     n_mentions = {c: 0 for c in corpus.CONCEPTS}
+    whole = 0
     for r in rec.iter_requests(layers=[]):
         s = by_api[r.api_request_id.removeprefix("cmpl-")]
+        for c in corpus.CONCEPTS:
+            n_mentions[c] += bool(corpus.find_mentions(s.text, c))
+        assert r.generated.sum() <= 19  # max_tokens 20, the last never tapped
+        if not np.array_equal(r.positions, np.arange(len(r.positions))):
+            continue  # a batch the plugin dropped under load (fail open): the sidecar never saw it either
+        whole += 1
         # the recorded ids are the generation but its last token, which the model never reads (no forward
         # pass follows the last sampling step, so there are no activations of it to tap)
         recorded = detok.decode(r.token_ids[r.generated])
         assert recorded and s.text.startswith(recorded), (recorded, s.text)
-        assert r.generated.sum() <= 19  # max_tokens 20, the last never tapped
-        for c in corpus.CONCEPTS:
-            n_mentions[c] += bool(corpus.find_mentions(s.text, c))
+    assert whole >= 0.9 * len(served["sent"]), whole
     assert min(n_mentions.values()) >= PER_CONCEPT // 2, n_mentions  # the eliciting prompts elicited
     benign = sum(1 for line in served["labels"].read_text().splitlines() if json.loads(line)["label"] == "none")
     assert benign >= 100, benign
@@ -130,7 +137,8 @@ def _record_metrics(demo) -> str:
     import urllib.request
 
     with urllib.request.urlopen(f"http://127.0.0.1:{demo.metrics_port}/metrics", timeout=10) as r:
-        return "\n".join(line for line in r.read().decode().splitlines() if line.startswith("featurewatch_record"))
+        return "\n".join(line for line in r.read().decode().splitlines()
+                         if line.startswith("featurewatch_record") or ("dropped_total" in line and not line.startswith("#")))
 
 
 def _pii_pattern() -> str:
@@ -194,3 +202,43 @@ def test_calibrated_demo_rules_meet_the_target_and_keep_the_shipped_quality(serv
         print(name, "shipped", before, "calibrated", after[name])
         assert after[name]["precision"] >= before["precision"] - MARGIN_PRECISION, (name, before, after[name])
         assert after[name]["recall"] >= before["recall"] - MARGIN_RECALL, (name, before, after[name])
+
+
+def test_rules_built_from_the_found_features_and_trained_probes(served, tmp_path):
+    """The whole loop with nothing from the shipped rules: the top feature of `features compare` and a
+    probe trained by `probes train`, each calibrated to 1 % per request, then backtested."""
+    labels = served["labels"]
+    bank = tmp_path / "trained.safetensors"
+    args = [f"--regex={c}={rx}" for c, rx in (("competitor", corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
+    code, out, errs = run("probes", "train", served["rec"], *args, "--tokenizer", served["tokenizer"], "--out", bank, "--json")
+    assert code == 0, errs
+    cfg = yaml.safe_load(served["config"].read_text())
+    cfg["sources"].append({"name": "trained", "kind": "probes", "layer": served["manifest"]["layer"], "path": str(bank)})
+    cfg.pop("record", None)
+    config = tmp_path / "featurewatch.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    rules = []
+    for concept in served["manifest"]["concepts"]:
+        code, out, errs = run("features", "compare", served["rec"], "--config", served["config"], "--positive",
+                              f"labels:{labels}#{concept}", "--top", 1, "--json")
+        assert code == 0, errs
+        feature = json.loads(out)["features"][0]["feature"]
+        common = {"scope": "generated", "labels": {"concept": concept}, "above": 0.0}
+        rules += [{"name": f"{concept}_found", "signal": {"source": "demo_sae", "feature": feature}, **common},
+                  {"name": f"{concept}_trained", "signal": {"source": "trained", "probe": concept}, **common}]
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(yaml.safe_dump({"rules": rules}, sort_keys=False))
+    for concept in served["manifest"]["concepts"]:
+        code, out, errs = run("rules", "calibrate", rules_file, served["rec"], "--config", config, "--fpr", 0.01, "--write",
+                              "--rule", f"{concept}_found", "--rule", f"{concept}_trained", "--benign",
+                              f"not:labels:{labels}#{concept}")
+        assert code == 0, errs
+    code, out, errs = run("rules", "backtest", rules_file, served["rec"], "--config", config, "--labels", labels, "--json")
+    assert code == 0, errs
+    shipped = {r["rule"]: r for r in _backtest(served, served["rules"])["rules"]}
+    for r in json.loads(out)["rules"]:
+        concept, kind = r["rule"].split("_")
+        before = shipped[f"{concept}_{'feature' if kind == 'found' else 'probe'}"]
+        print(r["rule"], r, "shipped", before)
+        assert r["precision"] >= before["precision"] - MARGIN_PRECISION, (r, before)
+        assert r["recall"] >= before["recall"] - MARGIN_RECALL, (r, before)
