@@ -72,10 +72,14 @@ def check_size(n_benign: int, fpr: float, where: str) -> None:
                           f"longer or raise --fpr")
 
 
-def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, source: str,
-              progress=None, only: list[str] | None = None) -> tuple[list[Calibrated], str]:
+def calibrate(setup: rp.Setup, requests, benign: set[str], fpr: float, source: str,
+              progress=None, only: list[str] | None = None, ids: list[str] | None = None) -> tuple[list[Calibrated], str]:
     """New thresholds for every rule of ``setup`` (or the rules named in ``only``) and the rules
-    text with them written in."""
+    text with them written in.
+
+    ``requests``: a list of recorded requests, or a function returning a fresh iterator over them
+    (a recording is read once per pass instead of held in memory); ``ids``: the recording's request
+    ids, so a recording too small is refused before any encoding."""
     from monitor.author.rewrite import set_thresholds
 
     if not 0 < fpr < 1:
@@ -86,10 +90,13 @@ def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, sou
     if unknown:
         raise AuthorError(f"{setup.rules_path}: no rule {unknown[0]!r} (has: {names[:20]})")
     selected = [r for r in rules.rules if not only or r.name in only]
-    n_benign = sum(r.request_id in benign for r in requests)
+    passes = requests if callable(requests) else (lambda: iter(requests))
+    if ids is None:
+        ids = [r.request_id for r in passes()]
+    n_benign = sum(i in benign for i in ids)
     check_size(n_benign, fpr, source)
     crit, is_benign = [], []
-    for group in rp.chunks(requests):
+    for group in rp.chunks(passes()):
         chunk = rp.encode(rules, group)
         crit.append(critical_values(rules, chunk))
         is_benign.extend(rid in benign for rid in chunk.ids)
@@ -104,12 +111,12 @@ def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, sou
             raise AuthorError(f"{source}: rule {rule.name!r} has no in-scope tokens in any benign request "
                               f"(scope {'all prompt generated'.split()[rule.scope]}): nothing to calibrate on")
         chosen[rule.name] = above
-    benign_requests = [r for r in requests if r.request_id in benign]
+    benign_requests = lambda: (r for r in passes() if r.request_id in benign)  # noqa: E731
     allowed = allowed_fires(n_benign, fpr)
     for _ in range(8):  # the evaluator is the judge; float32 rounding may need a step up
         text = set_thresholds(setup.text, chosen, str(setup.rules_path))
         compiled = rp.recompile(text, setup.dictionaries, setup.config, setup.rules_path)
-        fired = _fired_counts(compiled, benign_requests)
+        fired = _fired_counts(compiled, benign_requests())
         over = [name for name, n in fired.items() if n > allowed and name in chosen]
         if not over:
             break
@@ -118,14 +125,13 @@ def calibrate(setup: rp.Setup, requests: list, benign: set[str], fpr: float, sou
     else:
         raise AuthorError(f"{source}: could not reach {fpr:.2%} for {over} (the evaluator disagrees with the "
                           f"critical values); please report this")
-    others = [r for r in requests if r.request_id not in benign]
-    fired_other = _fired_counts(compiled, others)
+    fired_other = _fired_counts(compiled, (r for r in passes() if r.request_id not in benign))
     report = [Calibrated(rule.name, rule.window, rule.above, chosen[rule.name], n_benign, allowed, fired[rule.name],
-                         len(others), fired_other[rule.name]) for rule in selected]
+                         len(ids) - n_benign, fired_other[rule.name]) for rule in selected]
     return report, text
 
 
-def _fired_counts(rules: CompiledRules, requests: list) -> dict[str, int]:
+def _fired_counts(rules: CompiledRules, requests) -> dict[str, int]:
     counts = {r.name: 0 for r in rules.rules}
     for fired in rp.replay(rules, requests).values():
         for f in fired:

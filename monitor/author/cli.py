@@ -308,8 +308,8 @@ def rules_calibrate(
         benign_ids = resolve(benign, catalog, _detok(tokenizer))
         progress, step = _progress(rec.requests.num_rows, "encoding")
         with progress:
-            requests = list(rec.iter_requests(layers=setup.rules.layers))
-            report, text = calibrate(setup, requests, benign_ids, fpr, str(recording), step, only=rule or None)
+            report, text = calibrate(setup, lambda: rec.iter_requests(layers=setup.rules.layers), benign_ids, fpr,
+                                     str(recording), step, only=rule or None, ids=catalog.ids)
         target = rules if write else out
         if target is not None:
             _write_text(target, text)

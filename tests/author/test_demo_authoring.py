@@ -120,7 +120,7 @@ def test_traffic_was_recorded_with_every_token_and_its_text(served):
 
 def test_probes_train_reaches_the_shipped_probes_quality(served, tmp_path):
     m = served["manifest"]
-    args = [f"--regex={c}={rx}" for c, rx in (("competitor", corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
+    args = [f"--regex={c}={rx}" for c, rx in (("competitor", "(?i)" + corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
     code, out, errs = run("probes", "train", served["rec"], *args, "--tokenizer", served["tokenizer"], "--per", "token",
                           "--fpr", 0.01, "--out", tmp_path / "trained.safetensors", "--json")
     assert code == 0, errs
@@ -209,7 +209,7 @@ def test_rules_built_from_the_found_features_and_trained_probes(served, tmp_path
     probe trained by `probes train`, each calibrated to 1 % per request, then backtested."""
     labels = served["labels"]
     bank = tmp_path / "trained.safetensors"
-    args = [f"--regex={c}={rx}" for c, rx in (("competitor", corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
+    args = [f"--regex={c}={rx}" for c, rx in (("competitor", "(?i)" + corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
     code, out, errs = run("probes", "train", served["rec"], *args, "--tokenizer", served["tokenizer"], "--out", bank, "--json")
     assert code == 0, errs
     cfg = yaml.safe_load(served["config"].read_text())
