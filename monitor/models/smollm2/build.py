@@ -277,7 +277,7 @@ def build(out: Path, cfg: Config, assets: Path = ASSETS) -> dict:
         "sae": {"path": sae_dir.name, "d_in": int(sae.d_in), "d_sae": int(sae.d_sae),
                 "training_rows": int(len(x_train)), "heldout_rows": int(len(x_held)), **quality},
         "perplexity": ppl, "probes": {"path": f"probes_l{cfg.layer}.safetensors", "train_reports": probe_reports},
-        "recording": str(out / "recording"), "build_seconds": round(time.time() - t0, 1),
+        "recording": "<--out>/recording (default <cache>/builds/smollm2)", "build_seconds": round(time.time() - t0, 1),
     }
     (assets / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     log(f"done in {time.time() - t0:.0f}s -> {assets}")
