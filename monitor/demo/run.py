@@ -127,9 +127,10 @@ class Demo:
             # every request: a queue deep enough that a busy CPU delays the recorder rather than drops (tiny batches)
             config["record"] = {"dir": str(self.work / "recording"), "sample": 1.0, "flush_interval_s": 2.0,
                                 "queue_batches": 65536}
-            # the plugin drops what does not fit its queue (fail open), RequestFinish included: a request
-            # whose finish was dropped is written once idle this long, not after the default 10 minutes
-            config["limits"] = {"request_idle_timeout_s": 15.0}
+            # every batch: the sidecar's own queue deep enough too (a request all of whose batches were dropped
+            # under load is not recorded at all), and a request whose RequestFinish the plugin dropped (its
+            # queue is bounded: fail open) is written once idle 15 s, not after the default 10 minutes
+            config["limits"] = {"queue_batches": 65536, "request_idle_timeout_s": 15.0}
         (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
         (self.work / "rules.yaml").write_text(demo_rules(m, "none"))
         self._spawn("sidecar", [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.work / "featurewatch.yaml")])
