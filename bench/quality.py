@@ -185,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="smollm2: the real model's SAE and probes on its held-out prompts (issue 13)")
     p.add_argument("--recording", type=Path, default=None,
                    help="smollm2: the build's labelled recording (default <cache>/builds/smollm2/recording)")
+    p.add_argument("--steer", type=int, default=0, metavar="N",
+                   help="smollm2: also measure suppression by clamping each concept's N best training-split features")
     a = p.parse_args(argv)
     if a.model == "smollm2":
         return smollm2(a, argv)
@@ -208,8 +210,16 @@ def smollm2(a, argv) -> int:
 
     torch.set_num_threads(a.threads)
     assets = a.assets if a.assets != B.ASSETS else SB.ASSETS
-    res = Q.evaluate(assets, a.recording or SB.default_out() / "recording")
+    recording = a.recording or SB.default_out() / "recording"
+    res = Q.evaluate(assets, recording)
     print(Q.table(res))
+    if a.steer:
+        res["steering"] = Q.steering(assets, recording, res, a.steer, a.max_new_tokens)
+        print()
+        print(Q.steering_table(res["steering"]))
+        for r in res["steering"]:
+            for smp in r["samples"][:1]:
+                print(f"\n[{r['concept']}] {smp['prompt']}\n  before: {smp['before'][:160]!r}\n  after:  {smp['after'][:160]!r}")
     print("Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

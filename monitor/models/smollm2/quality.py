@@ -57,7 +57,8 @@ def evaluate(assets: Path, recording: Path) -> dict:
         y = labels[c]
         p_pos, p_neg = probe[ho & y, bank.index(c)], probe[ho & ~y, bank.index(c)]
         t = probe_threshold_at_fpr(p_neg, FPR)
-        best = rank(feats[tr & y], feats[tr & ~y], top=1, fpr=FPR)[0]
+        top = rank(feats[tr & y], feats[tr & ~y], top=3, fpr=FPR)
+        best = top[0]
         f_pos, f_neg = feats[ho & y, best.feature], feats[ho & ~y, best.feature]
         p_auc, f_auc = float(auroc(p_pos, p_neg)), float(auroc(f_pos, f_neg))
         thr = float(bank.threshold[bank.index(c)]) if bank.threshold is not None else 0.5
@@ -68,7 +69,7 @@ def evaluate(assets: Path, recording: Path) -> dict:
             "probe_threshold": thr, "probe_tpr_at_threshold": float((p_pos >= thr).mean()),
             "probe_fpr_at_threshold": float((p_neg >= thr).mean()),
             "feature": best.feature, "feature_train_auroc": best.auroc, "feature_auroc": f_auc,
-            "gap": p_auc - f_auc,
+            "gap": p_auc - f_auc, "train_top_features": [t.feature for t in top],
         })
     return {"layer": layer, "requests": {"train": int(tr.sum()), "heldout": int(ho.sum())}, "rows": rows,
             "sae": manifest["sae"], "perplexity": manifest["perplexity"]}
@@ -89,4 +90,36 @@ def table(res: dict) -> str:
                  f"L0 {s['l0_heldout']:.1f}, dead {s['dead_features']} ({s['dead_fraction']:.1%}); perplexity on "
                  f"concept-free held-out text {ppl['clean']:.3f} clean, {ppl['sae_spliced']:.3f} with the SAE "
                  f"spliced in ({ppl['sae_spliced'] / ppl['clean'] - 1:+.1%}; {ppl['tokens']} tokens)")
+    return "\n".join(lines)
+
+
+def steering(assets: Path, recording: Path, res: dict, n_features: int, max_new_tokens: int) -> list[dict]:
+    """Suppression of each concept by clamping its training-split top features (steer.py)."""
+    from monitor.encode import load_sae
+    from monitor.models.fetch import fetch
+    from monitor.models.smollm2 import steer as S
+    from monitor.models.smollm2.residuals import load_model
+
+    manifest = json.loads((assets / "manifest.json").read_text())
+    sae = load_sae(str(assets / manifest["sae"]["path"]))
+    model, tok = load_model(str(fetch("smollm2")))
+    # the build's concept-free text: held-out neutral prompts with the model's answers (answers scored) + plain passages
+    seqs = [(r.token_ids.tolist(), r.prompt_tokens) for r in _load(recording, res["layer"])
+            if r.metadata["split"] == "heldout" and r.metadata["kind"] == "neutral"
+            and not any(r.metadata["labels"].values()) and r.generated.any()]
+    seqs += [(tok(t, add_special_tokens=False)["input_ids"], 1) for t in P.PLAIN_TEXT]
+    out = []
+    for r in res["rows"]:
+        out.append(S.measure(model, tok, sae, res["layer"], r["concept"], r["train_top_features"][:n_features], seqs,
+                             max_new_tokens))
+    return out
+
+
+def steering_table(rows: list[dict]) -> str:
+    lines = ["| concept | clamped features | emission before → after (held-out eliciting prompts) | cut "
+             "| perplexity before → after (concept-free) | rise |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['concept']} | {', '.join('#' + str(f) for f in r['features'])} | {r['emission_before']:.1%} "
+                     f"→ {r['emission_after']:.1%} (n={r['prompts']}) | {r['emission_cut']:.1%} | {r['ppl_before']:.3f} "
+                     f"→ {r['ppl_after']:.3f} | {r['ppl_rise']:+.1%} |")
     return "\n".join(lines)
