@@ -55,6 +55,10 @@ def evaluate(assets: Path, recording: Path) -> dict:
     rows = []
     for j, c in enumerate(P.CONCEPTS):
         y = labels[c]
+        if not all(((m & y).any(), (m & ~y).any()) == (True, True) for m in (tr, ho)):
+            rows.append({"concept": c, "missing": "no positive or no negative request in a split",
+                         "heldout_positive": int((ho & y).sum()), "train_positive": int((tr & y).sum())})
+            continue
         p_pos, p_neg = probe[ho & y, bank.index(c)], probe[ho & ~y, bank.index(c)]
         t = probe_threshold_at_fpr(p_neg, FPR)
         top = rank(feats[tr & y], feats[tr & ~y], top=3, fpr=FPR)
@@ -80,6 +84,10 @@ def table(res: dict) -> str:
              "| best SAE feature (train AUROC) | feature AUROC | gap |",
              "|---|---|---|---|---|---|---|---|"]
     for r in res["rows"]:
+        if "missing" in r:
+            lines.append(f"| {r['concept']} | {r['missing']} (train {r['train_positive']}, held-out "
+                         f"{r['heldout_positive']} positive) | | | | | | |")
+            continue
         lines.append(f"| {r['concept']} | {r['heldout_positive']}/{r['heldout_negative']} | {r['probe_auroc']:.4f} "
                      f"| {r['probe_tpr_at_1pct_fpr']:.1%} | {r['probe_tpr_at_threshold']:.1%} / "
                      f"{r['probe_fpr_at_threshold']:.1%} | #{r['feature']} ({r['feature_train_auroc']:.4f}) "
@@ -110,6 +118,8 @@ def steering(assets: Path, recording: Path, res: dict, n_features: int, max_new_
     seqs += [(tok(t, add_special_tokens=False)["input_ids"], 1) for t in P.PLAIN_TEXT]
     out = []
     for r in res["rows"]:
+        if "missing" in r:
+            continue
         out.append(S.measure(model, tok, sae, res["layer"], r["concept"], r["train_top_features"][:n_features], seqs,
                              max_new_tokens))
     return out
