@@ -9,7 +9,6 @@ import yaml
 from monitor.author import replay as rp
 from monitor.evaluate.state import LayerBatch, RequestInfo, RequestTable
 from monitor.pipeline import finite_rows
-from tests.author.fakes import planted_requests
 from tests.author.test_calibrate import RULES, _traffic
 from tests.support.sidecar import fixture_config
 
