@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="smollm2: the build's labelled recording (default <cache>/builds/smollm2/recording)")
     p.add_argument("--steer", type=int, default=0, metavar="N",
                    help="smollm2: also measure suppression by clamping each concept's N best training-split features")
+    p.add_argument("--steer-direction", type=float, nargs="*", default=None, metavar="ALPHA",
+                   help="smollm2: also steer along each probe's direction, the step (x median residual norm) "
+                        "chosen among ALPHA on training prompts")
     a = p.parse_args(argv)
     if a.model == "smollm2":
         return smollm2(a, argv)
@@ -220,6 +223,10 @@ def smollm2(a, argv) -> int:
         for r in res["steering"]:
             for smp in r["samples"][:1]:
                 print(f"\n[{r['concept']}] {smp['prompt']}\n  before: {smp['before'][:160]!r}\n  after:  {smp['after'][:160]!r}")
+    if a.steer_direction:
+        res["direction_steering"] = Q.direction_steering(assets, recording, res, a.steer_direction, a.max_new_tokens)
+        print()
+        print(Q.direction_table(res["direction_steering"]))
     print("Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`")
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)

@@ -133,3 +133,34 @@ def steering_table(rows: list[dict]) -> str:
                      f"→ {r['emission_after']:.1%} (n={r['prompts']}) | {r['emission_cut']:.1%} | {r['ppl_before']:.3f} "
                      f"→ {r['ppl_after']:.3f} | {r['ppl_rise']:+.1%} |")
     return "\n".join(lines)
+
+
+def direction_steering(assets: Path, recording: Path, res: dict, alphas: list[float], max_new_tokens: int) -> list[dict]:
+    """Suppression along each concept's probe direction (steer.direction_measure), the step size
+    in units of the layer's median residual norm over the training split's generated tokens."""
+    from monitor.models.fetch import fetch
+    from monitor.models.smollm2 import steer as S
+    from monitor.models.smollm2.residuals import load_model
+
+    manifest = json.loads((assets / "manifest.json").read_text())
+    layer = res["layer"]
+    model, tok = load_model(str(fetch("smollm2")))
+    reqs = _load(recording, layer)
+    norm = float(torch.cat([r.activations[layer][torch.from_numpy(r.generated)] for r in reqs
+                            if r.metadata["split"] == "train"]).norm(dim=1).median())
+    seqs = [(r.token_ids.tolist(), r.prompt_tokens) for r in reqs
+            if r.metadata["split"] == "heldout" and r.metadata["kind"] == "neutral"
+            and not any(r.metadata["labels"].values()) and r.generated.any()]
+    seqs += [(tok(t, add_special_tokens=False)["input_ids"], 1) for t in P.PLAIN_TEXT]
+    probe_path = str(assets / manifest["probes"]["path"])
+    return [S.direction_measure(model, tok, layer, c, S.probe_direction(probe_path, c), norm, alphas, seqs,
+                                max_new_tokens) for c in P.CONCEPTS]
+
+
+def direction_table(rows: list[dict]) -> str:
+    lines = ["| concept | step (× median residual norm, chosen on training prompts) | emission before → after (held-out) "
+             "| cut | perplexity rise |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['concept']} | {r['alpha']} (× {r['norm']:.0f}) | {r['emission_before']:.1%} → "
+                     f"{r['emission_after']:.1%} (n={r['prompts']}) | {r['emission_cut']:.1%} | {r['ppl_rise']:+.1%} |")
+    return "\n".join(lines)
