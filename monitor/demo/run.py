@@ -140,6 +140,8 @@ class Demo:
     def start_vllm(self) -> None:
         env = {"FEATUREWATCH_ADDRESS": f"unix://{self.socket}", "FEATUREWATCH_LAYERS": str(self.manifest["layer"]),
                "FEATUREWATCH_MODEL_NAME": "featurewatch-demo", "VLLM_PLUGINS": "featurewatch,featurewatch_routes"}
+        if self.o.record:  # every request recorded: the plugin's send queue deep enough that a busy CPU delays, not drops
+            env["FEATUREWATCH_QUEUE_BATCHES"] = "65536"
         self.env.update(env)
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.assets / self.manifest["model"]["path"]),
                "--served-model-name", "featurewatch-demo", "--host", "127.0.0.1", "--port", str(self.http_port),
@@ -147,6 +149,8 @@ class Demo:
                "--kv-cache-memory-bytes", str(256 << 20)]  # a tiny model: don't reserve most of RAM
         self._spawn("vllm", cmd)
         self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.http_port}/health"), "vLLM", 600)
+        # the plugin connects to the sidecar once its self-test passed: traffic before that is served, not watched
+        self._wait(self._plugin_connected, "plugin connection", 60)
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.work / f"{name}.log", "ab")
@@ -172,6 +176,13 @@ class Demo:
             with grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}") as ch:
                 return health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1
         except grpc.RpcError:
+            return False
+
+    def _plugin_connected(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/featurewatch/status", timeout=5) as r:
+                return bool(json.loads(r.read()).get("connected"))
+        except (urllib.error.URLError, OSError, ValueError):
             return False
 
     @staticmethod
