@@ -38,7 +38,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("model_name", "d_model", "available_layers", "dtype", "plugin_version", "engine", "tp_rank", "instance", "max_tokens_per_step")
+    __slots__ = ("model_name", "d_model", "available_layers", "dtype", "plugin_version", "engine", "tp_rank", "instance", "max_tokens_per_step", "shm_capable")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     D_MODEL_FIELD_NUMBER: _ClassVar[int]
     AVAILABLE_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +48,7 @@ class Hello(_message.Message):
     TP_RANK_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_PER_STEP_FIELD_NUMBER: _ClassVar[int]
+    SHM_CAPABLE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     d_model: int
     available_layers: _containers.RepeatedScalarFieldContainer[int]
@@ -57,10 +58,23 @@ class Hello(_message.Message):
     tp_rank: int
     instance: str
     max_tokens_per_step: int
-    def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., available_layers: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., plugin_version: _Optional[str] = ..., engine: _Optional[str] = ..., tp_rank: _Optional[int] = ..., instance: _Optional[str] = ..., max_tokens_per_step: _Optional[int] = ...) -> None: ...
+    shm_capable: bool
+    def __init__(self, model_name: _Optional[str] = ..., d_model: _Optional[int] = ..., available_layers: _Optional[_Iterable[int]] = ..., dtype: _Optional[_Union[DType, str]] = ..., plugin_version: _Optional[str] = ..., engine: _Optional[str] = ..., tp_rank: _Optional[int] = ..., instance: _Optional[str] = ..., max_tokens_per_step: _Optional[int] = ..., shm_capable: _Optional[bool] = ...) -> None: ...
+
+class ShmSlot(_message.Message):
+    __slots__ = ("segment", "slot", "sequence", "nbytes")
+    SEGMENT_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    NBYTES_FIELD_NUMBER: _ClassVar[int]
+    segment: str
+    slot: int
+    sequence: int
+    nbytes: int
+    def __init__(self, segment: _Optional[str] = ..., slot: _Optional[int] = ..., sequence: _Optional[int] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class ActivationBatch(_message.Message):
-    __slots__ = ("step", "layers", "activations", "request_ids", "token_request_index", "positions", "is_generated", "captured_unix_s", "token_ids")
+    __slots__ = ("step", "layers", "activations", "request_ids", "token_request_index", "positions", "is_generated", "captured_unix_s", "token_ids", "shm_slot")
     STEP_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     ACTIVATIONS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +84,7 @@ class ActivationBatch(_message.Message):
     IS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     CAPTURED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SLOT_FIELD_NUMBER: _ClassVar[int]
     step: int
     layers: _containers.RepeatedScalarFieldContainer[int]
     activations: Tensor
@@ -79,7 +94,8 @@ class ActivationBatch(_message.Message):
     is_generated: _containers.RepeatedScalarFieldContainer[bool]
     captured_unix_s: float
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_request_index: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., is_generated: _Optional[_Iterable[bool]] = ..., captured_unix_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    shm_slot: ShmSlot
+    def __init__(self, step: _Optional[int] = ..., layers: _Optional[_Iterable[int]] = ..., activations: _Optional[_Union[Tensor, _Mapping]] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_request_index: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., is_generated: _Optional[_Iterable[bool]] = ..., captured_unix_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., shm_slot: _Optional[_Union[ShmSlot, _Mapping]] = ...) -> None: ...
 
 class RequestStart(_message.Message):
     __slots__ = ("request_id", "api_request_id", "metadata", "traceparent", "prompt_tokens", "cached_prompt_tokens", "started_unix_s", "steering_policy")
@@ -252,7 +268,7 @@ class SteeringPolicy(_message.Message):
     def __init__(self, name: _Optional[str] = ..., selector: _Optional[_Mapping[str, str]] = ..., actions: _Optional[_Iterable[_Union[SteeringAction, _Mapping]]] = ...) -> None: ...
 
 class TapPlan(_message.Message):
-    __slots__ = ("layers", "scope", "steering_enabled", "steering_failure_mode", "policies", "rules_version", "max_batch_bytes")
+    __slots__ = ("layers", "scope", "steering_enabled", "steering_failure_mode", "policies", "rules_version", "max_batch_bytes", "shm_ring")
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     STEERING_ENABLED_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +276,7 @@ class TapPlan(_message.Message):
     POLICIES_FIELD_NUMBER: _ClassVar[int]
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHM_RING_FIELD_NUMBER: _ClassVar[int]
     layers: _containers.RepeatedScalarFieldContainer[int]
     scope: TokenScope
     steering_enabled: bool
@@ -267,7 +284,20 @@ class TapPlan(_message.Message):
     policies: _containers.RepeatedCompositeFieldContainer[SteeringPolicy]
     rules_version: int
     max_batch_bytes: int
-    def __init__(self, layers: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[TokenScope, str]] = ..., steering_enabled: _Optional[bool] = ..., steering_failure_mode: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[SteeringPolicy, _Mapping]]] = ..., rules_version: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ...) -> None: ...
+    shm_ring: ShmRing
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[TokenScope, str]] = ..., steering_enabled: _Optional[bool] = ..., steering_failure_mode: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[SteeringPolicy, _Mapping]]] = ..., rules_version: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., shm_ring: _Optional[_Union[ShmRing, _Mapping]] = ...) -> None: ...
+
+class ShmRing(_message.Message):
+    __slots__ = ("path", "slots", "slot_bytes", "nonce")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    slots: int
+    slot_bytes: int
+    nonce: bytes
+    def __init__(self, path: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("step", "credits", "rejected_reason")
