@@ -265,22 +265,37 @@ def _context_line(e: dict) -> str:
 
 
 @app.command()
-def demo(requests: int = typer.Option(24, help="Eliciting prompts per concept (and neutral) per phase."),
-         max_tokens: int = typer.Option(24, help="Tokens generated per request."),
+def demo(model: str = typer.Option("planted", help="planted: the embedded planted-concept model; smollm2: "
+                                                   "SmolLM2-135M-Instruct (fetched once into the cache) with the shipped SAE and probes."),
+         requests: Optional[int] = typer.Option(None, help="Eliciting prompts per concept (and neutral) per phase (default 24; smollm2: 18, every held-out prompt of a concept)."),
+         max_tokens: Optional[int] = typer.Option(None, help="Tokens generated per request (default 24; smollm2: 48)."),
          linger: Optional[float] = typer.Option(None, help="Seconds to keep /metrics up afterwards (default: until Ctrl-C on a terminal, 0 otherwise)."),
          metrics_port: int = typer.Option(9400, help="Sidecar /metrics port (a free one if taken)."),
          workdir: Optional[Path] = typer.Option(None, help="Keep configs, logs and results here."),
          assets: Optional[Path] = typer.Option(None, help="A demo assets dir (default: the shipped one; rebuild with python -m monitor.demo.build)."),
          record: bool = typer.Option(False, "--record", help="Record every request (<workdir>/recording) and write the ground truth (<workdir>/labels.jsonl) for the authoring commands.")) -> None:
-    """Serve the embedded planted-concept model with vLLM + plugin + sidecar; show alerts and steering."""
+    """Serve a model with vLLM + plugin + sidecar; show alerts against ground truth and steering."""
     from monitor.demo.run import Options, run_demo
 
     logging.basicConfig(level="WARNING")
-    options = Options(requests_per_concept=requests, neutral_requests=requests, max_tokens=max_tokens, linger_s=linger,
-                      metrics_port=metrics_port, workdir=workdir, record=record)
+    if model not in ("planted", "smollm2"):
+        typer.echo(f"error: --model {model!r}: known models are planted, smollm2", err=True)
+        raise typer.Exit(2)
+    if model == "smollm2" and (assets is not None or record):
+        typer.echo("error: --assets and --record are for the planted model", err=True)
+        raise typer.Exit(2)
+    real = model == "smollm2"  # a real 135M chat model: its held-out prompts, longer answers
+    n = requests if requests is not None else (18 if real else 24)
+    options = Options(requests_per_concept=n, neutral_requests=n, max_tokens=max_tokens or (48 if real else 24),
+                      linger_s=linger, metrics_port=metrics_port, workdir=workdir, record=record)
     if assets is not None:
         options.assets = assets
-    run_demo(options)
+    if real:
+        from monitor.models.smollm2.demo import SmolLM2Demo
+
+        run_demo(options, demo_class=SmolLM2Demo)
+    else:
+        run_demo(options)
 
 
 def main() -> None:

@@ -69,6 +69,8 @@ class Sent:
     text: str = ""
     alerts: set = field(default_factory=set)
     steered: bool = False
+    xargs: dict = field(default_factory=dict)  # more request metadata (vllm_xargs): what policy selectors match
+    completion_tokens: int = 0  # as vLLM counted them (usage)
 
 
 def demo_rules(manifest: dict, steer: str) -> str:
@@ -95,6 +97,12 @@ def demo_rules(manifest: dict, steer: str) -> str:
 
 
 class Demo:
+    """The planted model's demo; a subclass serves another model by overriding the hooks below
+    (served_name, max_model_len, model_path, rules_yaml, prompts, deep_queues)."""
+
+    served_name = "featurewatch-demo"
+    max_model_len = 256
+
     def __init__(self, options: Options) -> None:
         self.o = options
         self.assets = Path(options.assets)
@@ -113,11 +121,29 @@ class Demo:
         self.env.update({"VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
                          "DO_NOT_TRACK": "1", "TOKENIZERS_PARALLELISM": "false"})
 
+    # ------------------------------------------------------------------ what is served
+    def model_path(self) -> str:
+        return str(self.assets / self.manifest["model"]["path"])
+
+    def rules_yaml(self, steer: str) -> str:
+        return demo_rules(self.manifest, steer)
+
+    def prompts(self) -> list[tuple[str | None, str]]:
+        """(expected concept or None, prompt text) of one phase's traffic."""
+        o = self.o
+        prompts = [(c, p.text) for c in corpus.CONCEPTS for p in corpus.eliciting_prompts(c, o.requests_per_concept, o.seed)]
+        return prompts + [(None, p.text) for p in corpus.eliciting_prompts(None, o.neutral_requests, o.seed)]
+
+    @property
+    def deep_queues(self) -> bool:
+        """Every queue on the way deep enough that a busy CPU delays batches rather than drops them."""
+        return self.o.record
+
     # ------------------------------------------------------------------ processes
-    def start_sidecar(self) -> None:
+    def start_sidecar(self, steer: str = "none") -> None:
         m = self.manifest
         config = {
-            "model_name": "featurewatch-demo", "socket": str(self.socket), "grpc_port": self.grpc_port,
+            "model_name": self.served_name, "socket": str(self.socket), "grpc_port": self.grpc_port,
             "metrics_port": self.metrics_port, "metrics_host": "127.0.0.1",
             "sources": [{"name": "demo_sae", "kind": "sae", "layer": m["layer"], "path": str(self.assets / m["sae"]["path"])},
                         {"name": "demo_probes", "kind": "probes", "layer": m["layer"], "path": str(self.assets / m["probes"]["path"])}],
@@ -127,25 +153,26 @@ class Demo:
             # every request: a queue deep enough that a busy CPU delays the recorder rather than drops (tiny batches)
             config["record"] = {"dir": str(self.work / "recording"), "sample": 1.0, "flush_interval_s": 2.0,
                                 "queue_batches": 65536}
+        if self.deep_queues:
             # every batch: the sidecar's own queue deep enough too (a request all of whose batches were dropped
             # under load is not recorded at all), and a request whose RequestFinish the plugin dropped (its
             # queue is bounded: fail open) is written once idle 15 s, not after the default 10 minutes
             config["limits"] = {"queue_batches": 65536, "request_idle_timeout_s": 15.0}
         (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
-        (self.work / "rules.yaml").write_text(demo_rules(m, "none"))
+        (self.work / "rules.yaml").write_text(self.rules_yaml(steer))
         self._spawn("sidecar", [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.work / "featurewatch.yaml")])
         self._wait(lambda: self._healthy(), "sidecar", 60)
-        self.apply_rules("none")
+        self.apply_rules(steer)
 
     def start_vllm(self) -> None:
         env = {"FEATUREWATCH_ADDRESS": f"unix://{self.socket}", "FEATUREWATCH_LAYERS": str(self.manifest["layer"]),
-               "FEATUREWATCH_MODEL_NAME": "featurewatch-demo", "VLLM_PLUGINS": "featurewatch,featurewatch_routes"}
-        if self.o.record:  # every request recorded: the plugin's send queue deep enough that a busy CPU delays, not drops
+               "FEATUREWATCH_MODEL_NAME": self.served_name, "VLLM_PLUGINS": "featurewatch,featurewatch_routes"}
+        if self.deep_queues:  # every request recorded: the plugin's send queue deep enough that a busy CPU delays, not drops
             env["FEATUREWATCH_QUEUE_BATCHES"] = "65536"
         self.env.update(env)
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.assets / self.manifest["model"]["path"]),
-               "--served-model-name", "featurewatch-demo", "--host", "127.0.0.1", "--port", str(self.http_port),
-               "--dtype", "float32", "--max-model-len", "256", "--enforce-eager", "--max-num-seqs", "16",
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model_path(),
+               "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.http_port),
+               "--dtype", "float32", "--max-model-len", str(self.max_model_len), "--enforce-eager", "--max-num-seqs", "16",
                "--kv-cache-memory-bytes", str(256 << 20)]  # a tiny model: don't reserve most of RAM
         self._spawn("vllm", cmd)
         self._wait(lambda: self._http_ok(f"http://127.0.0.1:{self.http_port}/health"), "vLLM", 600)
@@ -179,11 +206,15 @@ class Demo:
             return False
 
     def _plugin_connected(self) -> bool:
+        return bool(self.plugin_status().get("connected"))
+
+    def plugin_status(self) -> dict:
+        """The plugin's /featurewatch/status ({} while vLLM does not answer)."""
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}/featurewatch/status", timeout=5) as r:
-                return bool(json.loads(r.read()).get("connected"))
+                return json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
-            return False
+            return {}
 
     @staticmethod
     def _http_ok(url: str) -> bool:
@@ -209,7 +240,7 @@ class Demo:
 
     def apply_rules(self, steer: str) -> None:
         stub, md = self._admin()
-        reply = stub.PutRules(pb.PutRulesRequest(yaml=demo_rules(self.manifest, steer), author=f"demo:{steer}"), metadata=md, timeout=30)
+        reply = stub.PutRules(pb.PutRulesRequest(yaml=self.rules_yaml(steer), author=f"demo:{steer}"), metadata=md, timeout=30)
         if not reply.ok:
             raise RuntimeError("demo rules rejected: " + "; ".join(f"{e.rule}.{e.field}: {e.message}" for e in reply.errors))
         time.sleep(1.0)  # the new plan (policies) reaches the plugin over its stream
@@ -219,11 +250,11 @@ class Demo:
         return [json.loads(e.json) for e in stub.TailAlerts(pb.TailAlertsRequest(last=100_000), metadata=md, timeout=30)]
 
     # ------------------------------------------------------------------ traffic
-    def traffic(self, phase: str) -> list[Sent]:
+    def traffic(self, phase: str, sent: list[Sent] | None = None) -> list[Sent]:
+        """Send one phase's requests (default: ``prompts()``), ``concurrency`` at a time."""
         o = self.o
-        prompts = [(c, p) for c in corpus.CONCEPTS for p in corpus.eliciting_prompts(c, o.requests_per_concept, o.seed)]
-        prompts += [(None, p) for p in corpus.eliciting_prompts(None, o.neutral_requests, o.seed)]
-        sent = [Sent(f"{phase}-{i}", c, p.text) for i, (c, p) in enumerate(prompts)]
+        if sent is None:
+            sent = [Sent(f"{phase}-{i}", c, p) for i, (c, p) in enumerate(self.prompts())]
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task(f"{phase}: {len(sent)} requests", total=len(sent))
@@ -233,12 +264,14 @@ class Demo:
         return sent
 
     def _complete(self, s: Sent) -> None:
-        body = {"model": "featurewatch-demo", "prompt": s.prompt, "max_tokens": self.o.max_tokens, "temperature": 0.0,
-                "vllm_xargs": {"tenant": "demo", "expected": s.concept or "none"}}
+        body = {"model": self.served_name, "prompt": s.prompt, "max_tokens": self.o.max_tokens, "temperature": 0.0,
+                "vllm_xargs": {"tenant": "demo", "expected": s.concept or "none", **s.xargs}}
         req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json", "X-Request-Id": s.api_id})
         with urllib.request.urlopen(req, timeout=120) as r:
-            s.text = json.loads(r.read())["choices"][0]["text"]
+            reply = json.loads(r.read())
+        s.text = reply["choices"][0]["text"]
+        s.completion_tokens = int(reply.get("usage", {}).get("completion_tokens", 0))
 
     def attach_events(self, sent: list[Sent]) -> None:
         by_id = {s.api_id: s for s in sent}
@@ -350,8 +383,8 @@ def _api_suffix(api_request_id: str) -> str:
     return api_request_id
 
 
-def run_demo(options: Options) -> dict:
-    demo = Demo(options)
+def run_demo(options: Options, demo_class: type[Demo] = Demo) -> dict:
+    demo = demo_class(options)
     try:
         result = demo.run()
         (demo.work / "result.json").write_text(json.dumps(result, indent=2))
