@@ -73,6 +73,18 @@ class TracingConfig(_Strict):
     service_name: str = "featurewatch-sidecar"
 
 
+class ShmConfig(_Strict):
+    """Activations over shared memory for plugins on the same host (Unix socket): one ring per
+    stream, created here with mode 0600 (monitor/protocol/shm_ring.py). In Kubernetes `dir` is an
+    emptyDir with `medium: Memory` mounted in both containers. Plugins that cannot attach send bytes."""
+
+    enabled: bool = True
+    dir: Path = Path("/dev/shm")
+    slots: int = Field(default=16, ge=2, le=4096)
+    # per stream; a step larger than max_bytes / slots goes as bytes on the stream
+    max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+
+
 class SidecarConfig(_Strict):
     model_name: str = "unknown"
     socket: Path | None = Path("/tmp/featurewatch.sock")
@@ -98,6 +110,7 @@ class SidecarConfig(_Strict):
     tracing: TracingConfig = TracingConfig()
     encode_device: str = "cpu"
     encode_threads: int | None = None
+    shm: ShmConfig = ShmConfig()
     record: RecordConfig | None = None  # the flight recorder (monitor/record), off unless given
     # The served model's tokenizer (a tokenizer.json or a directory holding one, read from disk):
     # alert events then carry their context as text; without it, only the token ids.

@@ -21,6 +21,7 @@ import grpc
 
 from monitor.protocol import pb
 from monitor.receive.batch import BatchRejected, decode_batch
+from monitor.receive.shm import ShmIngest
 from monitor.receive.wire import DecodeError, parse_plugin_message
 
 log = logging.getLogger(__name__)
@@ -101,6 +102,7 @@ class PluginStream:
     end_status: tuple | None = None  # (grpc.StatusCode, details) the plugin gets
     writing: bool = False  # the handler is waiting for a write to go out (to a plugin that may not read)
     closer: asyncio.Task | None = None
+    ring: object = None  # this stream's shared-memory ring (monitor.receive.shm), None: bytes only
 
     @property
     def engine(self) -> str:
@@ -110,7 +112,7 @@ class PluginStream:
         """Queue a message for the plugin. An ack that does not fit is dropped (acks are advisory);
         a plan or directive that does not fit ends the stream, so the plugin reconnects and starts
         again from a fresh plan instead of running on a state it never received."""
-        if self.outbox.put(msg):
+        if self.outbox.put(ShmIngest.announce(self, msg)):
             return True
         kind = msg.WhichOneof("kind")
         if self.end_reason is None and self.metrics is not None:
@@ -165,6 +167,7 @@ class IngestService:
         self._ids = itertools.count(1)
         limits = sidecar.config.limits
         self.max_outbox = (limits.outbox_messages, limits.outbox_bytes)
+        self.shm = ShmIngest(sidecar)
         metrics = sidecar.metrics
         metrics.queue_capacity.labels("outbox").set(self.max_outbox[0])
         metrics.queue_depth.labels("outbox").set_function(lambda: sum(len(s.outbox) for s in list(sidecar.streams)))
@@ -211,6 +214,7 @@ class IngestService:
                               context=context)
         reason = "aborted"  # unless the loop below ends in one of the ways it knows
         try:
+            self.shm.open(stream, context.peer())
             sc.attach(stream)
             reader = asyncio.create_task(self._read(request_iterator, stream))
             try:
@@ -233,6 +237,7 @@ class IngestService:
         finally:
             ended.labels(stream.end_reason or reason).inc()
             sc.detach(stream)
+            self.shm.close(stream)  # batches still queued keep their slots mapped until processed
             sc.metrics.engines.release(stream.label)
             sc.worker.call(lambda: sc.metrics.plugin_restarted(stream.label, stream.id))  # after its queued stats
 
@@ -284,6 +289,7 @@ class IngestService:
         sc.metrics.batches_received.labels(sc.config.model_name, stream.engine).inc()
         limits = sc.config.limits
         try:
+            data = self.shm.data(stream, msg, data)
             batch = decode_batch(msg, stream.hello.d_model, stream.allowed_layers, limits.max_batch_bytes,
                                  limits.max_tokens_per_batch, data, limits.max_request_tokens)
         except BatchRejected as exc:
