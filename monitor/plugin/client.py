@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from monitor.plugin.config import PluginConfig, grpc_target
+from monitor.plugin.shm_writer import ShmPath, SlotRef
 from monitor.protocol import pb
 
 logger = logging.getLogger("vllm.featurewatch")
@@ -58,6 +59,11 @@ class Counters:
     requests_finished: int = 0
     steps: int = 0
     host_seconds: float = 0.0  # plugin work on the forward thread (pre/before/after the forward)
+    batches_sent_shm: int = 0  # of batches_sent, those whose activations went through the ring
+    shm_ring_full: int = 0  # steps dropped for want of a free slot (also in batches_dropped_queue_full)
+    shm_steps_as_bytes: int = 0  # steps larger than a slot, sent as bytes
+    shm_attaches: int = 0
+    shm_attach_failures: int = 0
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -77,13 +83,18 @@ class BatchItem:
     is_generated: np.ndarray
     captured_unix_s: float
     token_ids: torch.Tensor | None = None  # [n] the forward's input ids of these tokens (host)
+    shm: SlotRef | None = None  # set: ``host`` is a view on this ring slot, sent by descriptor
     nbytes: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.nbytes = self.host.numel() * self.host.element_size()
+        # bytes held in this process (a ring slot is bounded by the ring, not by the queue)
+        self.nbytes = 0 if self.shm is not None else self.host.numel() * self.host.element_size()
 
     def messages(self, max_bytes: int) -> Iterator[bytes]:
         """Serialised ``PluginMessage{batch}``s, split by tokens under ``max_bytes``."""
+        if self.shm is not None:
+            yield self._descriptor_message()
+            return
         if self.event is not None:
             self.event.synchronize()
         host = self.host
@@ -116,6 +127,22 @@ class BatchItem:
             head = pb.Tensor(dtype=dtype, shape=[L, b - a, d]).SerializeToString()
             data = memoryview(np.ascontiguousarray(arr[:, a:b])).cast("B")
             yield encode_batch(meta, head, data)
+
+
+    def _descriptor_message(self) -> bytes:
+        """The batch's labels and a descriptor of its slot (the rows are already in the ring)."""
+        n = self.host.shape[1]
+        ids = token_ids_of(self.token_ids)
+        if ids is not None and len(ids) != n:
+            ids = None
+        return pb.PluginMessage(batch=pb.ActivationBatch(
+            step=self.step, layers=self.layers, request_ids=self.request_ids,
+            token_request_index=self.token_request_index.tolist(), positions=self.positions.tolist(),
+            is_generated=self.is_generated.tolist(), captured_unix_s=self.captured_unix_s,
+            token_ids=ids.tolist() if ids is not None else (),
+            activations=pb.Tensor(dtype=_DTYPES[self.host.dtype], shape=list(self.host.shape)),
+            shm_slot=self.shm.descriptor(),
+        )).SerializeToString()
 
 
 def token_ids_of(ids: torch.Tensor | None) -> np.ndarray | None:
@@ -193,6 +220,7 @@ class SidecarClient:
         self.connected = False
         self.last_error = ""
         self.max_batch_bytes = 0
+        self.shm = ShmPath(cfg, counters)
         self._thread: threading.Thread | None = None
 
     # -- forward-thread side
@@ -223,6 +251,8 @@ class SidecarClient:
             except queue.Full:
                 if is_batch:
                     self.counters.batches_dropped_queue_full += 1
+        if is_batch and not ok and item.shm is not None:
+            item.shm.abandon()  # its descriptor will never be sent
         self.counters.enqueue_seconds_sum += time.perf_counter() - t0
         self.counters.enqueue_count += 1
         return ok
@@ -230,6 +260,11 @@ class SidecarClient:
     @property
     def queue_depth(self) -> int:
         return self._batches
+
+    @property
+    def transport(self) -> str:
+        """Where activations go now: ``shm`` (the sidecar's ring) or ``grpc`` (bytes on the stream)."""
+        return self.shm.transport
 
     # -- lifecycle
 
@@ -264,6 +299,7 @@ class SidecarClient:
                 except Exception:  # noqa: BLE001
                     logger.exception("featurewatch: on_disconnect failed")
             self.connected = False
+            self.shm.detach()  # a reconnect attaches to whatever ring the next plan announces
             self._drain()
             if time.monotonic() - started > 5.0:
                 backoff = self.cfg.backoff_initial_s
@@ -313,6 +349,7 @@ class SidecarClient:
                     self._on_message(msg)
                     if msg.WhichOneof("kind") == "plan":
                         self.max_batch_bytes = int(msg.plan.max_batch_bytes)
+                        self.shm.on_plan(msg.plan)  # before ``connected``: the first batches use it
                         if not self.connected:
                             self.connected = True
                             self.counters.connects += 1
@@ -326,7 +363,9 @@ class SidecarClient:
                 responses.cancel()
 
     def _requests(self, done: threading.Event) -> Iterator[pb.PluginMessage]:
-        yield pb.PluginMessage(hello=self._hello())
+        hello = self._hello()
+        hello.shm_capable = self.shm.allowed
+        yield pb.PluginMessage(hello=hello)
         # Wait for the plan before replaying live requests (the sidecar learns them again).
         while not self.connected and not done.is_set() and not self._stop.is_set():
             time.sleep(0.01)
@@ -343,12 +382,22 @@ class SidecarClient:
             except queue.Empty:
                 continue
             if isinstance(item, BatchItem):
+                if item.shm is not None and item.shm.writer is not self.shm.writer:
+                    self._release(item)  # written into a ring this stream does not use
+                    self.counters.batches_dropped_disconnected += 1
+                    continue
+                sent = False
                 try:
                     for m in item.messages(self.max_batch_bytes):
                         yield m
+                    sent = True
                     self.counters.batches_sent += 1
+                    if item.shm is not None:
+                        self.counters.batches_sent_shm += 1
                 finally:
                     self._release(item)
+                    if not sent and item.shm is not None:
+                        item.shm.abandon()
             else:
                 yield item
         # final stats so the sidecar's view is current when the stream closes cleanly

@@ -57,6 +57,9 @@ class PluginConfig:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 10.0
     runtime_dir: str = field(default_factory=tempfile.gettempdir)
+    # activations through the sidecar's shared-memory ring when it offers one (Unix socket only;
+    # monitor/plugin/shm_writer.py); off: always bytes on the stream
+    shm: bool = True
     # sent as ``authorization: Bearer`` on the Ingest stream (the sidecar requires it on TCP when
     # it has one); never shown in the status
     ingest_token: str | None = field(default=None, repr=False)
@@ -85,6 +88,7 @@ class PluginConfig:
             backoff_initial_s=_env_float("FEATUREWATCH_BACKOFF_INITIAL_S", 0.2),
             backoff_max_s=_env_float("FEATUREWATCH_BACKOFF_MAX_S", 10.0),
             runtime_dir=os.environ.get("FEATUREWATCH_RUNTIME_DIR") or tempfile.gettempdir(),
+            shm=_env_bool("FEATUREWATCH_SHM", True),
             ingest_token=os.environ.get("FEATUREWATCH_INGEST_TOKEN") or None,
         )
 

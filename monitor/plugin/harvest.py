@@ -1,6 +1,8 @@
 """After each step: copy the planned layers and tokens of the tap buffer (and those tokens' input
 ids) to host memory and hand them to the sender (TP rank 0 only; dropped and counted when the sidecar is away or the queue is
-full). On a GPU the copy is asynchronous; the sender waits for its event, never the forward."""
+full). On a GPU the copy is asynchronous; the sender waits for its event, never the forward.
+With the sidecar's shared-memory ring attached (CPU tap buffer), the one copy goes straight into a
+ring slot and only a descriptor is queued (monitor/plugin/shm_writer.py); a full ring drops the step."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import numpy as np
 import torch
 
 from monitor.plugin.client import BatchItem
+from monitor.plugin.shm_writer import write_step
 from monitor.protocol import pb
 
 
@@ -40,7 +43,12 @@ def harvest(rt, labels) -> None:
             keep = None
     n_sel = n if keep is None else int(keep.sum())
     nbytes = len(rt.plan_slots) * n_sel * rt.d_model * rt.tables.tap.element_size()
-    if not rt.client.has_room(nbytes):
+    shm = getattr(rt.client, "shm", None)
+    ring = None if rt.tables.on_device or shm is None else shm.writer
+    if ring is not None and nbytes > ring.slot_bytes:
+        rt.counters.shm_steps_as_bytes += 1
+        ring = None
+    if not rt.client.has_room(0 if ring is not None else nbytes):
         rt.counters.batches_dropped_queue_full += 1
         return
     src = rt.tables.tap
@@ -58,7 +66,17 @@ def harvest(rt, labels) -> None:
         if ids is not None:
             ids = ids.index_select(0, sel_dev.to(ids.device))
     event = None
-    if rt.tables.on_device:
+    slot = None
+    if ring is not None:
+        slot = write_step(ring, view, rt.step)
+        if slot is None:  # every slot still in use: the sidecar is behind (or hung)
+            rt.counters.batches_dropped_queue_full += 1
+            rt.counters.shm_ring_full += 1
+            return
+        host = slot.rows
+        if ids is not None:
+            ids = ids.to("cpu", copy=True)
+    elif rt.tables.on_device:
         host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
         host.copy_(view, non_blocking=True)
         if ids is not None:  # rides on the same event as the activations
@@ -75,6 +93,6 @@ def harvest(rt, labels) -> None:
         step=rt.step, layers=list(rt.plan_layers), host=host, event=event,
         request_ids=list(labels.req_ids), token_request_index=tok_req[sel],
         positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time(),
-        token_ids=ids)
+        token_ids=ids, shm=slot)
     if rt.client.offer(item):
         rt.counters.tokens_tapped += n_sel

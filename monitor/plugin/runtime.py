@@ -466,6 +466,9 @@ class Runtime:
             "sends": self.sends,
             "connected": bool(client and client.connected),
             "last_error": client.last_error if client else "",
+            # activations' path to the sidecar: "shm" (its shared-memory ring) or "grpc" (bytes)
+            "transport": client.transport if client else None,
+            "shm": client.shm.describe() if client else None,
             "tp_rank": self.tp_rank, "tp_size": self.tp_size, "pp_rank": self.pp_rank,
             "engine": self.engine,
             "runner": self.runner_kind,

@@ -207,6 +207,7 @@ class RingWriter:
         self.geometry, self._seg = geometry, segment
         self._next = 0
         self._seq = 0
+        self.detached = False
         self.writes = 0
         self.full = 0
 
@@ -248,7 +249,7 @@ class RingWriter:
         """(slot, sequence, uint8 view of ``nbytes``) of a FREE slot now WRITING, or None when
         every slot is still in use (counted in ``full``) or the step does not fit a slot."""
         seg = self._seg
-        if nbytes > seg.slot_bytes or not seg.headers:
+        if nbytes > seg.slot_bytes or self.detached:
             return None
         n = seg.n_slots
         for k in range(n):
@@ -278,10 +279,12 @@ class RingWriter:
 
     def free_slots(self) -> int:
         seg = self._seg
-        return sum(1 for i in range(seg.n_slots) if seg.headers and seg.state(i) == FREE)
+        return sum(1 for i in range(seg.n_slots) if seg.state(i) == FREE)
 
     def detach(self) -> None:
-        self._seg.drop()
+        """Write no more slots. The mapping stays until the last reference is gone: the forward
+        thread may be copying into a slot right now (it is then dropped, never read)."""
+        self.detached = True
 
 
 def remove_stale(directory: str | Path) -> list[str]:

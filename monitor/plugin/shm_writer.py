@@ -1,0 +1,107 @@
+"""The plugin's shared-memory path: the forward thread copies a step's tapped rows straight into a
+slot of the ring the sidecar announced, and the stream carries only a descriptor.
+
+Chosen per stream and per step, never required: the plugin asks for a ring only over a Unix
+socket (``Hello.shm_capable``); it attaches only to the ring its sidecar announced in the TapPlan
+(same owner, mode 0600, matching nonce: monitor/protocol/shm_ring.py); a step larger than a slot,
+a GPU tap buffer, or any attach failure sends bytes as before. A stream that ends detaches, and the
+next plan (a restarted sidecar's new ring) attaches again. A full ring drops the step and counts
+it (``batches_dropped_queue_full`` and ``shm_ring_full``): the forward never waits.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from monitor.plugin.config import PluginConfig, grpc_target
+from monitor.protocol import pb
+from monitor.protocol.shm_ring import RingError, RingWriter
+
+logger = logging.getLogger("vllm.featurewatch")
+
+
+@dataclass(frozen=True)
+class SlotRef:
+    """A published slot: what the descriptor names."""
+
+    writer: RingWriter
+    slot: int
+    sequence: int
+    nbytes: int
+    rows: torch.Tensor  # the slot's payload as the rows written (shape and dtype of the descriptor)
+
+    def descriptor(self) -> pb.ShmSlot:
+        return pb.ShmSlot(segment=self.writer.name, slot=self.slot, sequence=self.sequence, nbytes=self.nbytes)
+
+    def abandon(self) -> None:
+        """The descriptor will never be sent (queue full, stream gone): free the slot."""
+        self.writer.abandon(self.slot)
+
+
+class ShmPath:
+    """One client's ring, if any. ``writer`` is read by the forward thread, set by the client's."""
+
+    def __init__(self, cfg: PluginConfig, counters) -> None:
+        self.allowed = bool(cfg.shm and cfg.address and grpc_target(cfg.address).startswith("unix:"))
+        self.counters = counters
+        self.writer: RingWriter | None = None
+        self.last_error = ""
+
+    @property
+    def transport(self) -> str:
+        return "shm" if self.writer is not None else "grpc"
+
+    def on_plan(self, plan: pb.TapPlan) -> None:
+        """Attach to the announced ring (once per ring); no ring announced: bytes."""
+        if not plan.HasField("shm_ring"):
+            self.detach()
+            return
+        ring = plan.shm_ring
+        current = self.writer
+        if current is not None and current.geometry.path == ring.path and current.geometry.nonce == ring.nonce:
+            return
+        self.detach()
+        if not self.allowed:
+            return
+        try:
+            self.writer = RingWriter.attach(ring.path, ring.slots, ring.slot_bytes, ring.nonce)
+            self.counters.shm_attaches += 1
+            self.last_error = ""
+            logger.info("featurewatch: activations go through the shared-memory ring %s (%d slots of %d bytes)",
+                        ring.path, ring.slots, ring.slot_bytes)
+        except (RingError, OSError, ValueError) as exc:
+            self.counters.shm_attach_failures += 1
+            self.last_error = str(exc)[:300]
+            logger.warning("featurewatch: shared-memory ring not usable, sending bytes: %s", self.last_error)
+
+    def detach(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.detach()
+
+    def describe(self) -> dict:
+        w = self.writer
+        return {"transport": self.transport, "allowed": self.allowed, "last_error": self.last_error,
+                "ring": None if w is None else {"path": w.geometry.path, "slots": w.geometry.n_slots,
+                                                "slot_bytes": w.slot_bytes, "free_slots": w.free_slots()}}
+
+
+def write_step(writer: RingWriter, rows: torch.Tensor, step: int) -> SlotRef | None:
+    """Copy ``rows`` (host memory) into a free slot and publish it; None when no slot is free.
+    The caller checked that the rows fit a slot."""
+    nbytes = rows.numel() * rows.element_size()
+    got = writer.acquire(nbytes)
+    if got is None:
+        return None
+    slot, sequence, buf = got
+    try:
+        dst = torch.from_numpy(buf).view(rows.dtype).view(rows.shape)
+        dst.copy_(rows)
+        writer.publish(slot, sequence, step, nbytes)
+    except BaseException:
+        writer.abandon(slot)
+        raise
+    return SlotRef(writer, slot, sequence, nbytes, dst)
