@@ -133,22 +133,23 @@ class SmolLM2Demo(Demo):
             return r.read().decode()
 
     def wait_caught_up(self, timeout: float) -> None:
-        """Until the sidecar's generated-token count reaches what vLLM generated, its encode queue is
-        empty and its event stream holds every alert it counted. ``timeout`` bounds only a failure
-        (a batch dropped on the way: monitoring fails open) and the error names the drop counters."""
+        """Until the sidecar evaluated as many generated tokens as vLLM generated, then (a later scrape)
+        its encode queue is empty — the queue counts a batch until it is fully handled, alerts
+        included — then its event stream holds every alert it counted. ``timeout`` bounds only a
+        failure (a batch dropped on the way: monitoring fails open); the error names the drop counters."""
         deadline = time.monotonic() + timeout
-        while True:
-            text = self.metrics_text()
-            done = metric(text, "featurewatch_tokens_processed_total", scope="generated")
-            counted = metric(text, "featurewatch_alerts_total")
-            if done >= self.generated_expected and metric(text, "featurewatch_queue_depth", stage="encode") == 0:
-                if sum(e.get("kind") == "alert" for e in self.events()) >= counted:
-                    return
-            if time.monotonic() > deadline:
-                drops = "\n".join(line for line in text.splitlines() if "dropped" in line and not line.startswith("#"))
-                raise TimeoutError(f"the sidecar evaluated {done:.0f} of {self.generated_expected} generated tokens "
-                                   f"in {timeout:.0f}s; drop counters:\n{drops}")
-            time.sleep(0.5)
+        steps = [("generated tokens evaluated",
+                  lambda t: metric(t, "featurewatch_tokens_processed_total", scope="generated") >= self.generated_expected),
+                 ("encode queue empty", lambda t: metric(t, "featurewatch_queue_depth", stage="encode") == 0),
+                 ("every counted alert in the event stream",
+                  lambda t: sum(e.get("kind") == "alert" for e in self.events()) >= metric(t, "featurewatch_alerts_total"))]
+        for what, done in steps:
+            while not done(text := self.metrics_text()):
+                if time.monotonic() > deadline:
+                    drops = "\n".join(line for line in text.splitlines() if "dropped" in line and not line.startswith("#"))
+                    raise TimeoutError(f"the sidecar did not catch up in {timeout:.0f}s (waiting for: {what}; "
+                                       f"{self.generated_expected} generated tokens sent); drop counters:\n{drops}")
+                time.sleep(0.5)
 
     # ------------------------------------------------------------------ reports
     def report_alerts(self, sent: list[Sent]) -> dict:
