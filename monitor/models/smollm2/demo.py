@@ -12,6 +12,7 @@ the steered answers change, the unsteered ones must not.
 
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 from pathlib import Path
@@ -50,6 +51,16 @@ def smollm2_rules(thresholds: dict[str, float], suppress: bool) -> str:
     return yaml.safe_dump({"rules": rules, "policies": policies}, sort_keys=False)
 
 
+def shipped_rules(assets: Path = ASSETS, suppress: bool = True) -> str:
+    """:func:`smollm2_rules` at the thresholds the shipped probe bank carries (set at 1 % FPR on
+    training requests by the build)."""
+    from monitor.encode import load_probes
+
+    manifest = json.loads((assets / "manifest.json").read_text())
+    bank = load_probes(str(assets / manifest["probes"]["path"]))
+    return smollm2_rules({c: float(bank.threshold[bank.index(c)]) for c in P.CONCEPTS}, suppress)
+
+
 def heldout_subset(kind: str, n: int) -> list[P.Prompt]:
     """``n`` held-out prompts of one kind, evenly spread over its templates and topics."""
     ps = P.prompts(kind, "heldout")
@@ -81,11 +92,7 @@ class SmolLM2Demo(Demo):
         return self.folder
 
     def rules_yaml(self, steer: str) -> str:
-        from monitor.encode import load_probes
-
-        bank = load_probes(str(self.assets / self.manifest["probes"]["path"]))
-        thresholds = {c: float(bank.threshold[bank.index(c)]) for c in P.CONCEPTS}
-        return smollm2_rules(thresholds, suppress=steer != "none")
+        return shipped_rules(self.assets, suppress=steer != "none")
 
     def start_sidecar(self, steer: str = "policy") -> None:
         """The policies are in force from the start: they steer only requests that ask for them."""
