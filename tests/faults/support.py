@@ -96,7 +96,8 @@ class FaultySidecar(SidecarProcess):
 class VllmServer:
     """``python -m vllm.entrypoints.openai.api_server`` with the plugin and its routes."""
 
-    def __init__(self, model: str, root: Path, address: str, model_name: str) -> None:
+    def __init__(self, model: str, root: Path, address: str, model_name: str,
+                 extra_env: dict | None = None) -> None:
         self.root, self.port = root, free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
@@ -110,6 +111,7 @@ class VllmServer:
                    FEATUREWATCH_MODEL_NAME=model_name,  # the sidecar's model_name
                    VLLM_PLUGINS="featurewatch,featurewatch_routes", HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", VLLM_NO_USAGE_STATS="1", VLLM_CPU_KVCACHE_SPACE="1")
+        env.update(extra_env or {})
         env.pop("VLLM_API_KEY", None)
         self.log_path = root / "vllm.log"
         self._log = open(self.log_path, "w")

@@ -1,7 +1,9 @@
 """The permanent fault suite, sidecar side: the real sidecar process is killed (SIGKILL), hung
 (SIGSTOP, then SIGCONT) and restarted (SIGTERM, start again) under greedy traffic to the real vLLM
 OpenAI server with the plugin. Every request must succeed with exactly the tokens of the model
-with no plugin (HF transformers, greedy), and telemetry must flow again afterwards.
+with no plugin (HF transformers, greedy), and telemetry must flow again afterwards. Each fault runs
+on both paths the activations can take: the sidecar's shared-memory ring (where the hang also
+fills the ring) and bytes on the gRPC stream (``FEATUREWATCH_SHM=0``).
 
 Deterministic by construction: a fixed list of requests per fault, in three parts: *before*
 (in flight when the fault lands), *during* (submitted once the fault is in force, all served
@@ -34,13 +36,15 @@ FAULTS = ("kill", "hang", "restart")
 
 
 class Stack:
-    def __init__(self, root) -> None:
-        self.root = root
+    def __init__(self, root, transport: str) -> None:
+        self.root, self.transport = root, transport
         self.model = str(build_tiny_llama(root / "model"))
         (root / "sidecar").mkdir()
         rules = root / "rules.yaml"
         rules.write_text(ALERT_RULES)
-        config = fixture_config(root / "sidecar", d_model=64, rules_file=str(rules))
+        (root / "shm").mkdir()
+        config = fixture_config(root / "sidecar", d_model=64, rules_file=str(rules),
+                                shm={"dir": str(root / "shm")})
         self.sidecar = FaultySidecar(root / "sidecar", config)
         self.server: VllmServer | None = None
         self.requests = {f: workload(sum(PARTS), seed=i) for i, f in enumerate(FAULTS)}
@@ -49,7 +53,8 @@ class Stack:
     def start(self) -> None:
         self.sidecar.start()
         self.server = VllmServer(self.model, self.root / "vllm", self.sidecar.socket_address,
-                                 self.sidecar.config["model_name"])
+                                 self.sidecar.config["model_name"],
+                                 {"FEATUREWATCH_SHM": "1" if self.transport == "shm" else "0"})
         # computed while vLLM starts
         self.reference = reference(self.model, [r for rs in self.requests.values() for r in rs])
         self.server.wait_ready()
@@ -73,11 +78,12 @@ class Stack:
             self.sidecar.start()
         wait_until(self.sidecar.healthy, "the sidecar to serve")
         wait_until(self.server.connected, "the plugin to connect")
+        assert self.server.worker()["transport"] == self.transport
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("faults"))
+@pytest.fixture(scope="module", params=["shm", "grpc"])
+def stack(tmp_path_factory, request):
+    s = Stack(tmp_path_factory.mktemp(f"faults_{request.param}"), request.param)
     try:
         s.start()
         yield s
@@ -125,6 +131,8 @@ def test_sidecar_killed_under_traffic(stack):
     traffic.submit(after)
     c1 = _check(stack, traffic, "kill", c0)
     assert c1["reconnects"] > c0["reconnects"]
+    if stack.transport == "shm":  # the new process's ring, attached again
+        assert c1["shm_attaches"] > c0["shm_attaches"] and stack.server.worker()["transport"] == "shm"
 
 
 def test_sidecar_hung_under_traffic(stack):
@@ -142,8 +150,11 @@ def test_sidecar_hung_under_traffic(stack):
     wait_until(stack.sidecar.healthy, "the sidecar to serve after SIGCONT")
     wait_until(stack.server.connected, "the plugin to be connected after SIGCONT")
     traffic.submit(after)
-    _check(stack, traffic, "hang", c0)
+    c1 = _check(stack, traffic, "hang", c0)
     wait_until(lambda: stack.sidecar.batches() > received, "batches after the hang")
+    if stack.transport == "shm":  # MAX_TOKENS decode steps while stopped > the ring's 16 slots
+        assert c1["shm_ring_full"] > c0["shm_ring_full"]
+        assert stack.server.worker()["transport"] == "shm"
 
 
 def test_sidecar_restarted_under_traffic(stack):
@@ -159,3 +170,5 @@ def test_sidecar_restarted_under_traffic(stack):
     traffic.submit(after)
     c1 = _check(stack, traffic, "restart", c0)
     assert c1["reconnects"] > c0["reconnects"]
+    if stack.transport == "shm":  # the new process's ring, attached again
+        assert c1["shm_attaches"] > c0["shm_attaches"] and stack.server.worker()["transport"] == "shm"
