@@ -6,14 +6,17 @@ One run, side by side (this machine is shared and noisy, so compare within a run
 wire-encoded by the real plugin's encoder and sent from a generator as the plugin's sender does:
   1. a null gRPC sink (same proto, same socket kinds) that only counts bytes: the transport ceiling;
   2. the real `featurewatch serve` process (SAE subset encode + probes + rules) over its Unix socket
-     and over TCP loopback, open loop at full speed: accepted GB/s, processed tokens/s, drops;
-     1 and 2 alternate for --rounds rounds and the medians are reported;
+     and over TCP loopback (activations as bytes on the gRPC stream), and over the Unix socket with
+     the activations in the sidecar's shared-memory ring (`shm`: the sender copies each batch into a
+     slot, as the plugin's forward thread does, and sends a descriptor; when every slot is in use it
+     waits for one, where the plugin would drop the step), open loop at full speed: accepted GB/s,
+     processed tokens/s, drops; 1 and 2 alternate for --rounds rounds and the medians are reported;
   2b. recording off vs on (`record:` at --record-sample, 5 % by default): the same sidecar config with
      and without the flight recorder, fed the same stream (requests finish as they end, so sampled
      requests are written as shards), over the Unix socket, interleaved in the same rounds;
   3. latency at nominal load (a fixed fraction of the measured capacity), with a planted feature in
      every batch: client-side send -> steering directive received (p50/p99), and the sidecar's own
-     featurewatch_token_to_verdict_seconds histogram.
+     featurewatch_token_to_verdict_seconds histogram; over the bytes path and the ring, in turn.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monitor.protocol import pb  # noqa: E402
 from tests.support.dictionaries import PLANTED_FEATURE, planted_direction  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
+from tests.support.shm_sender import ShmSender  # noqa: E402
 from tests.support.sidecar import SidecarProcess, free_port, metric_value as metric  # noqa: E402
 
 
@@ -89,7 +93,7 @@ def on_the_wire(x: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps_per_request: int = 64,
-               fresh_last: bool = False) -> bytes:
+               fresh_last: bool = False, shm: ShmSender | None = None) -> bytes:
     """One model step: `n_requests` requests, each with an equal share of the step's tokens.
     A request lives `steps_per_request` steps (positions advance), then new ids take over;
     ids are unique per phase since re-sent (request, position) pairs are deduplicated.
@@ -103,6 +107,11 @@ def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps
         rids[-1] = f"{phase}-step{step}"
     positions = offset * per + np.tile(np.arange(per), n_requests)
     dtype = pb.FLOAT32 if x.dtype == np.float32 else pb.BFLOAT16
+    if shm is not None:  # into a ring slot; a descriptor on the stream (wait for a free slot)
+        while (msg := shm.batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n,
+                                dtype=dtype)) is None:
+            time.sleep(0.0005)
+        return msg
     return PluginClient.encoded_batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n,
                                       dtype=dtype)
 
@@ -131,11 +140,15 @@ def run_sink(port_q, socket_path: str) -> None:
     asyncio.run(main())
 
 
-def blast(address: str, d: int, seconds: float, make) -> dict:
+def blast(address: str, d: int, seconds: float, make, payload: int, shm: bool = False) -> dict:
     """Send ``make(step)`` batches on one Ingest stream as fast as gRPC takes them, for ``seconds``.
+    ``payload``: activation bytes per batch. ``shm``: ask for the sidecar's ring and call
+    ``make(step, sender)`` with it (the descriptors then carry no activation bytes).
 
     The requests are a generator consumed by gRPC's own thread, as in the real plugin's sender
     (``monitor.plugin.client``), so the load generator costs as little as the sidecar lets it."""
+    import threading
+
     import grpc
 
     from monitor.plugin.client import serialize_message
@@ -145,23 +158,33 @@ def blast(address: str, d: int, seconds: float, make) -> dict:
     stream = channel.stream_stream("/featurewatch.v1.Ingest/Stream", request_serializer=serialize_message,
                                    response_deserializer=pb.SidecarMessage.FromString)
     hello = pb.PluginMessage(hello=pb.Hello(model_name="bench", d_model=d, available_layers=[1], dtype=pb.FLOAT32,
-                                            plugin_version="bench", engine="0", max_tokens_per_step=8192))
+                                            plugin_version="bench", engine="0", max_tokens_per_step=8192,
+                                            shm_capable=shm))
     sent = {"batches": 0, "bytes": 0}
+    planned = threading.Event()
+    ring: list = []
     start, cpu = time.perf_counter(), time.process_time()
 
     def requests():
         yield hello
+        if shm:
+            if not planned.wait(30) or not ring:
+                raise RuntimeError("the sidecar announced no shared-memory ring")
+            sender = ShmSender(ring[0])
         while time.perf_counter() - start < seconds:
             sent["batches"] += 1
-            msg = make(sent["batches"])
+            msg = make(sent["batches"], sender) if shm else make(sent["batches"])
             if isinstance(msg, list):  # control messages (request finishes) before the batch
                 yield from msg[:-1]
                 msg = msg[-1]
-            sent["bytes"] += len(msg)
+            sent["bytes"] += payload
             yield msg
 
-    for _ in stream(requests()):  # plan, acks; ends when the server closes after our half-close
-        pass
+    for m in stream(requests()):  # plan, acks; ends when the server closes after our half-close
+        if m.HasField("plan") and not planned.is_set():
+            if m.plan.HasField("shm_ring"):
+                ring.append(m.plan.shm_ring)
+            planned.set()
     channel.close()
     return {**sent, "seconds": time.perf_counter() - start, "sender_cpu_s_per_gb": (time.process_time() - cpu) / (sent["bytes"] / 1e9)}
 
@@ -186,7 +209,7 @@ class Sink:
     def throughput(self, path: str, d: int, x: np.ndarray, seconds: float, n_requests: int) -> tuple[float, float]:
         """(bytes/s, CPU-seconds of the sink per GB)."""
         cpu = cpu_seconds(self.proc.pid)
-        r = blast(self.addresses[path], d, seconds, lambda step: make_batch(step, x, n_requests))
+        r = blast(self.addresses[path], d, seconds, lambda step: make_batch(step, x, n_requests), x.nbytes)
         return r["bytes"] / r["seconds"], (cpu_seconds(self.proc.pid) - cpu) / (r["bytes"] / 1e9)
 
     def close(self) -> None:
@@ -245,15 +268,19 @@ def with_finishes(step: int, batch: bytes, n_requests: int, phase: str, steps_pe
 
 
 def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int,
-                       finishes: bool = False) -> dict:
+                       finishes: bool = False, shm: bool = False) -> dict:
     phase = f"blast{time.monotonic_ns()}"
     before = sc.metrics()
     cpu = cpu_seconds(sc.proc.pid)
     start = time.perf_counter()
     if finishes:
-        r = blast(address, d, seconds, lambda step: with_finishes(step, make_batch(step, x, n_requests, phase), n_requests, phase))
+        r = blast(address, d, seconds, lambda step: with_finishes(step, make_batch(step, x, n_requests, phase), n_requests, phase),
+                  x.nbytes)
+    elif shm:
+        r = blast(address, d, seconds, lambda step, sender: make_batch(step, x, n_requests, phase, shm=sender), x.nbytes,
+                  shm=True)
     else:
-        r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase))
+        r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase), x.nbytes)
     # Wait for the queue to drain so "processed" counts everything accepted.
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -276,11 +303,12 @@ def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, 
 
 
 def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int,
-            wire: str = "fp32") -> dict:
+            wire: str = "fp32", shm: bool = False) -> dict:
     """Paced load with a planted generated token in every batch; time send -> directive back."""
     before = sc.metrics()
-    client = PluginClient(sc.socket_address, d, layers=[1])
-    client.plan(timeout=30)
+    client = PluginClient(sc.socket_address, d, layers=[1], shm_capable=shm)
+    plan = client.plan(timeout=30)
+    sender = ShmSender(plan.shm_ring) if shm else None
     xp = x.copy()
     xp[0, -1] += 10 * planted_direction(d)  # the last token of the last request of every batch
     xp = on_the_wire(xp, wire)
@@ -290,8 +318,10 @@ def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seco
     step = 0
     while time.perf_counter() - start < seconds:
         step += 1
-        msg = make_batch(step, xp, n_requests, "latency", fresh_last=True)  # one verdict per batch
-        sent_at[f"latency-step{step}"] = time.perf_counter()
+        phase = "latency-shm" if shm else "latency"
+        t0 = time.perf_counter()
+        msg = make_batch(step, xp, n_requests, phase, fresh_last=True, shm=sender)  # one verdict per batch
+        sent_at[f"{phase}-step{step}"] = t0  # from before the copy into the slot (bytes: before the send)
         client.send(msg)
         next_at = start + step * interval
         time.sleep(max(0.0, next_at - time.perf_counter()))
@@ -341,7 +371,7 @@ def main() -> None:
                           {"name": "probes", "kind": "probes", "layer": 1, "path": str(probes)}]}
     inproc = pipeline_only(config, args.d, x, args.requests)
     sink = Sink(tmp)
-    paths = ("unix", "tcp")
+    paths = ("unix", "tcp", "shm")  # shm: the Unix socket with the activations in the ring
     rounds = []
     recording = None
     if not args.no_record and not args.latency_only:
@@ -356,6 +386,11 @@ def main() -> None:
             for _ in range(0 if args.latency_only else args.rounds):  # interleaved, so drifts in machine load hit both sides alike
                 row = {}
                 for path in paths:
+                    if path == "shm":  # no null sink for the ring: compare with the pipeline alone
+                        row["sink_shm"] = row["sink_cpu_shm"] = float("nan")
+                        row[path] = sidecar_throughput(sc, sc.socket_address, args.d, x, args.seconds, args.requests,
+                                                       shm=True)
+                        continue
                     row[f"sink_{path}"], row[f"sink_cpu_{path}"] = sink.throughput(path, args.d, x, args.seconds, args.requests)
                     row[path] = sidecar_throughput(sc, addresses[path], args.d, x, args.seconds, args.requests)
                 if recording is not None:  # the same stream, requests finishing, to the sidecar without and with record:
@@ -366,6 +401,7 @@ def main() -> None:
             capacity = float(np.median([r["unix"]["tokens_per_s"] for r in rounds])) if rounds else float("nan")
             load = args.latency_load if args.latency_load else capacity * args.nominal
             lat = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype)
+            lat_shm = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype, shm=True)
     finally:
         if recording is not None:
             recording.stop()
@@ -375,9 +411,11 @@ def main() -> None:
         report_rounds(rounds, paths, inproc, capacity, args, x)
         if recording is not None:
             report_recording(rounds, args)
-    print(f"\nlatency at {lat['offered_tokens_per_s']:.0f} tokens/s offered (unix socket): "
-          f"send -> steering directive p50 {lat['p50_ms']:.1f} ms, p99 {lat['p99_ms']:.1f} ms "
-          f"({lat['directives']}/{lat['batches']} directives); sidecar token_to_verdict p99 <= {lat['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
+    for name, r in (("unix socket, bytes", lat), ("unix socket, shm ring", lat_shm)):
+        print(f"\nlatency at {r['offered_tokens_per_s']:.0f} tokens/s offered ({name}): "
+              f"batch built -> steering directive p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
+              f"({r['directives']}/{r['batches']} directives); sidecar token_to_verdict p99 <= "
+              f"{r['sidecar_verdict_p99_le_s'] * 1e3:.1f} ms")
 
 
 def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
@@ -398,7 +436,9 @@ def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
           " less sensitive to other load on the machine than GB/s. sender: the load generator, which encodes and"
           " sends as the plugin does (its cost inside vLLM's process)")
     print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * x.itemsize / 1e9:.2f} GB/s {args.dtype}; "
-          f"the unix-socket sidecar reached {capacity / inproc:.2f} of it (median)")
+          f"the sidecar reached (median) " + ", ".join(
+              f"{path} {float(np.median([row[path]['tokens_per_s'] for row in rounds])) / inproc:.2f}" for path in paths)
+          + " of it. shm has no null sink (ratio nan); its sender waits for a free slot where the plugin would drop")
 
 def report_recording(rounds, args) -> None:
     print(f"\nrecording off vs on (record.sample {args.record_sample}, unix socket, requests finishing every 64 steps)")
