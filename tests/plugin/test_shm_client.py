@@ -169,3 +169,56 @@ def test_a_ring_the_plugin_cannot_attach_leaves_it_on_bytes(tmp_path):
     assert path.transport == "grpc"
     reader.close()
     assert not ShmPath(PluginConfig(address="127.0.0.1:50051"), counters).allowed
+
+
+PLUGIN_PROCESS = """
+import sys, time
+from tests.plugin.test_shm_client import Worker
+from tests.faults.support import wait_until
+w = Worker(sys.argv[1])
+w.client.start()
+wait_until(lambda: w.client.connected and w.client.transport == "shm", "the plugin on the ring")
+for _ in range(3):
+    w.step()
+wait_until(lambda: w.client.queue_depth == 0, "the steps sent")
+print("sent", w.client.shm.writer.name, flush=True)
+time.sleep(600)  # until killed
+"""
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_a_restarted_plugin_gets_a_fresh_ring_and_the_old_one_is_removed(sidecar, how):
+    """vLLM restarted: the old stream's ring goes with it, the new process attaches a new one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    rings = sidecar.tmp / "shm"
+    if how == "killed":  # SIGKILL: the sidecar sees the transport fail, never a goodbye
+        proc = subprocess.Popen([sys.executable, "-c", PLUGIN_PROCESS, sidecar.socket_address],
+                                stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+        try:
+            line = proc.stdout.readline()
+            assert line.startswith("sent "), line
+            old = line.split()[1]
+        finally:
+            proc.kill()
+            proc.wait()
+    else:
+        with Worker(sidecar.socket_address) as w:
+            wait_until(lambda: w.client.connected and w.client.transport == "shm", "the plugin on the ring")
+            old = w.client.shm.writer.name
+            for _ in range(3):
+                w.step()
+            wait_until(lambda: processed(sidecar) == 3 * TOKENS, "the steps before the plugin stops")
+    wait_until(lambda: processed(sidecar) == 3 * TOKENS, "the old plugin's steps")
+    wait_until(lambda: not (rings / old).exists(), "the old stream's ring removed")
+    wait_until(lambda: metric_value(sidecar.metrics(), "featurewatch_plugin_streams", transport="shm") == 0,
+               "the old stream gone")
+    with Worker(sidecar.socket_address) as w:
+        wait_until(lambda: w.client.connected and w.client.transport == "shm", "the new plugin on a ring")
+        assert w.client.shm.writer.name != old
+        w.rt.step = 100  # new requests (the old ones' positions would be deduplicated)
+        w.step()
+        wait_until(lambda: processed(sidecar) == 4 * TOKENS, "the new plugin's step")
+    assert by_transport(sidecar, "shm") == 4
