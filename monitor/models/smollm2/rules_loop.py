@@ -48,9 +48,10 @@ def split_ids(catalog, labels_path: Path) -> tuple[set[str], dict[str, set[str]]
 
 
 def loop_rules(probe_thresholds: dict[str, float], features: dict[str, tuple[int, float]]) -> str:
-    """The rules file before calibration: the served probe rules plus one feature rule per concept
-    (``features``: ``concept -> (feature, starting above)``)."""
-    doc = yaml.safe_load(smollm2_rules(probe_thresholds, suppress=False))
+    """The rules file before calibration: the served probe rule and one feature rule for each concept
+    of ``features`` (``concept -> (feature, starting above)``)."""
+    doc = yaml.safe_load(smollm2_rules({c: probe_thresholds.get(c, 0.5) for c in P.CONCEPTS}, suppress=False))
+    doc["rules"] = [r for r in doc["rules"] if r["labels"]["concept"] in features]
     for concept, (feature, above) in features.items():
         doc["rules"].append({"name": f"{concept}_feature",
                              "description": f"SAE feature #{feature}, ranked first for {concept} on the training split",
