@@ -190,6 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steer-direction", type=float, nargs="*", default=None, metavar="ALPHA",
                    help="smollm2: also steer along each probe's direction, the step (x median residual norm) "
                         "chosen among ALPHA on training prompts")
+    p.add_argument("--rules-only", action="store_true",
+                   help="smollm2: only the rules loop (each concept's probe and feature rule calibrated on the training "
+                        "split, backtested on the held-out split)")
+    p.add_argument("--rules-workdir", type=Path, default=None,
+                   help="smollm2: where the loop writes its rules and sidecar config (default <recording>/../rules-loop)")
     a = p.parse_args(argv)
     if a.model == "smollm2":
         return smollm2(a, argv)
@@ -210,12 +215,20 @@ def smollm2(a, argv) -> int:
 
     from monitor.models.smollm2 import build as SB
     from monitor.models.smollm2 import quality as Q
+    from monitor.models.smollm2 import rules_loop as RL
 
     torch.set_num_threads(a.threads)
     assets = a.assets if a.assets != B.ASSETS else SB.ASSETS
     recording = a.recording or SB.default_out() / "recording"
+    command = "Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`"
+    if a.rules_only:  # the authoring loop's calibrate + backtest only (rules_loop.py)
+        loop = RL.bench(assets, recording, a.rules_workdir)
+        print(command)
+        return RL.write_json(a.json, {"rules_loop": loop})
     res = Q.evaluate(assets, recording)
     print(Q.table(res))
+    print()
+    res["rules_loop"] = RL.bench(assets, recording, a.rules_workdir)
     if a.steer:
         res["steering"] = Q.steering(assets, recording, res, a.steer, a.max_new_tokens)
         print()
@@ -227,7 +240,7 @@ def smollm2(a, argv) -> int:
         res["direction_steering"] = Q.direction_steering(assets, recording, res, a.steer_direction, a.max_new_tokens)
         print()
         print(Q.direction_table(res["direction_steering"]))
-    print("Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`")
+    print(command)
     if a.json:
         a.json.parent.mkdir(parents=True, exist_ok=True)
         a.json.write_text(json.dumps(res, indent=2) + "\n")
