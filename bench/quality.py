@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from monitor.demo import build as B  # noqa: E402
+from monitor.demo.build_config import ASSETS, set_threads  # noqa: E402
+from monitor.demo.generation import ClampHook, emission_rate, perplexity, sample  # noqa: E402
+from monitor.demo.scoring import auroc, auroc_columns  # noqa: E402
+from monitor.demo.shipped import doc_max, load_assets, token_dataset  # noqa: E402
+from monitor.demo.tokenizer import encode_docs  # noqa: E402
 from monitor.demo import corpus as C  # noqa: E402
 
 GOALS = {"auroc": 0.99, "reduction": 0.95, "ppl_rise": 0.05}
@@ -45,22 +49,22 @@ def _probe_scores(probes, x: torch.Tensor) -> torch.Tensor:
 
 
 def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_tokens: int) -> dict:
-    model, tok, sae, probes, man = B.load_assets(assets)
+    model, tok, sae, probes, man = load_assets(assets)
     layer = man["layer"]
     base_seed = man["seeds"]["quality_bench_from"] + seed
     t0 = time.time()
 
     docs = C.generate(n_docs, base_seed)
-    x, y, doc_idx = B.token_dataset(tok, model, docs, layer)
+    x, y, doc_idx = token_dataset(tok, model, docs, layer)
     benign = C.concept_free(n_docs // 2, base_seed + 1)
-    xb, _, db = B.token_dataset(tok, model, benign, layer)
+    xb, _, db = token_dataset(tok, model, benign, layer)
     f_all = sae.encode(x)
     ps = _probe_scores(probes, x).numpy()
     pb = _probe_scores(probes, xb).numpy()
     thresholds = probes.threshold.numpy() if probes.threshold is not None else None
 
-    ppl_docs = [e[0] for e in B.encode_docs(tok, C.concept_free(min(400, n_docs), base_seed + 2))]
-    ppl_base = B.perplexity(model, ppl_docs)
+    ppl_docs = [e[0] for e in encode_docs(tok, C.concept_free(min(400, n_docs), base_seed + 2))]
+    ppl_base = perplexity(model, ppl_docs)
 
     out: dict = {"assets": str(assets), "seed": seed, "corpus_seed": base_seed, "layer": layer,
                  "docs": n_docs, "tokens": int(x.shape[0]), "prompts": n_prompts,
@@ -74,35 +78,35 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
         thr = float(thresholds[pi]) if thresholds is not None else 0.5
         r = {
             "feature": feat,
-            "feature_token_auroc": B.auroc(fs, y[c]),
-            "feature_doc_auroc": B.auroc(B.doc_max(fs, doc_idx, len(docs)), doc_labels),
+            "feature_token_auroc": auroc(fs, y[c]),
+            "feature_doc_auroc": auroc(doc_max(fs, doc_idx, len(docs)), doc_labels),
             "probe": info["probe"],
-            "probe_token_auroc": B.auroc(ps[:, pi], y[c]),
-            "probe_doc_auroc": B.auroc(B.doc_max(ps[:, pi], doc_idx, len(docs)), doc_labels),
+            "probe_token_auroc": auroc(ps[:, pi], y[c]),
+            "probe_doc_auroc": auroc(doc_max(ps[:, pi], doc_idx, len(docs)), doc_labels),
             "probe_threshold": thr,
             "probe_token_tpr": float((ps[y[c], pi] >= thr).mean()),
             "probe_token_fpr_benign": float((pb[:, pi] >= thr).mean()),
-            "probe_doc_tpr": float((B.doc_max(ps[:, pi], doc_idx, len(docs))[doc_labels]
+            "probe_doc_tpr": float((doc_max(ps[:, pi], doc_idx, len(docs))[doc_labels]
                                     >= thr).mean()),
-            "probe_doc_fpr_benign": float((B.doc_max(pb[:, pi], db, len(benign)) >= thr).mean()),
+            "probe_doc_fpr_benign": float((doc_max(pb[:, pi], db, len(benign)) >= thr).mean()),
             "positive_tokens": int(y[c].sum()),
             "positive_docs": int(doc_labels.sum()),
         }
         # the best single feature on this held-out set (an upper bound, not the shipped choice)
-        a = np.nan_to_num(B.auroc_columns(f_all, y[c]), nan=0.5)
+        a = np.nan_to_num(auroc_columns(f_all, y[c]), nan=0.5)
         r["oracle_feature"], r["oracle_feature_token_auroc"] = int(a.argmax()), float(a.max())
 
         steer = [int(i) for i in info["steer_features"]]
         prompts = [p.text for p in C.eliciting_prompts(c, n_prompts, base_seed + 3 + ci)]
         gen_seed = base_seed + 100 + ci
-        g0 = B.sample(model, tok, prompts, max_new_tokens, gen_seed)
-        hook = B.ClampHook(model, layer, sae, steer)
+        g0 = sample(model, tok, prompts, max_new_tokens, gen_seed)
+        hook = ClampHook(model, layer, sae, steer)
         try:
-            g1 = B.sample(model, tok, prompts, max_new_tokens, gen_seed)
-            ppl_clamped = B.perplexity(model, ppl_docs)
+            g1 = sample(model, tok, prompts, max_new_tokens, gen_seed)
+            ppl_clamped = perplexity(model, ppl_docs)
         finally:
             hook.remove()
-        e0, e1 = B.emission_rate(g0, c), B.emission_rate(g1, c)
+        e0, e1 = emission_rate(g0, c), emission_rate(g1, c)
         r.update({
             "steer_features": steer,
             "emission_base": e0, "emission_clamped": e1,
@@ -174,7 +178,7 @@ def print_table(res: dict, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--assets", type=Path, default=B.ASSETS)
+    p.add_argument("--assets", type=Path, default=ASSETS)
     p.add_argument("--seed", type=int, default=0, help="offset of the held-out corpus seeds")
     p.add_argument("--docs", type=int, default=1500)
     p.add_argument("--prompts", type=int, default=300)
@@ -198,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.model == "smollm2":
         return smollm2(a, argv)
-    B.set_threads(a.threads)
+    set_threads(a.threads)
     res = evaluate(a.assets, a.seed, a.docs, a.prompts, a.max_new_tokens)
     command = "python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print_table(res, command.strip())
@@ -218,7 +222,7 @@ def smollm2(a, argv) -> int:
     from monitor.models.smollm2 import rules_loop as RL
 
     torch.set_num_threads(a.threads)
-    assets = a.assets if a.assets != B.ASSETS else SB.ASSETS
+    assets = a.assets if a.assets != ASSETS else SB.ASSETS
     recording = a.recording or SB.default_out() / "recording"
     command = "Command: `python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv) + "`"
     if a.rules_only:  # the authoring loop's calibrate + backtest only (rules_loop.py)

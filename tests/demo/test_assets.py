@@ -13,11 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from monitor.demo import build as B
+from monitor.demo.build_config import ASSETS as SHIPPED_ASSETS
+from monitor.demo.generation import ClampHook, emission_rate, perplexity, sample
+from monitor.demo.lm import collect_residuals
+from monitor.demo.scoring import auroc
+from monitor.demo.shipped import doc_max, load_assets, token_dataset
+from monitor.demo.tokenizer import BOS_ID, encode_docs
 from monitor.demo import corpus as C
 
 # the shipped assets, or a rebuild to check before shipping it
-ASSETS = Path(os.environ.get("FEATUREWATCH_DEMO_ASSETS", B.ASSETS))
+ASSETS = Path(os.environ.get("FEATUREWATCH_DEMO_ASSETS", SHIPPED_ASSETS))
 FRESH_SEED = 424_242  # never used by the build (its seeds are < 10_000 + build seed)
 
 # Bars on a small fresh sample (bench/quality.py measures the goals at scale: AUROC >= 0.99,
@@ -41,7 +46,7 @@ def manifest() -> dict:
 
 @pytest.fixture(scope="module")
 def assets():
-    return B.load_assets(ASSETS)
+    return load_assets(ASSETS)
 
 
 # ------------------------------------------------------------------------------------------
@@ -182,7 +187,7 @@ def test_model_and_tokenizer_load_with_transformers(manifest):
     assert cfg.model_type == "llama" and cfg.hidden_size // cfg.num_attention_heads >= 32
     text = "customer: is there another vendor that does this for less?\nagent:"
     ids = tok(text, return_tensors="pt").input_ids
-    assert ids[0, 0].item() == tok.bos_token_id == B.BOS_ID
+    assert ids[0, 0].item() == tok.bos_token_id == BOS_ID
     assert tok.decode(ids[0], skip_special_tokens=True) == text
     chat = tok.apply_chat_template([{"role": "user", "content": "hi there."}],
                                    add_generation_prompt=True, tokenize=False)
@@ -195,7 +200,7 @@ def test_model_and_tokenizer_load_with_transformers(manifest):
     L = manifest["layer"]
     with torch.no_grad():
         out = model(ids, output_hidden_states=True)
-        hooked = B.collect_residuals(model, [ids[0].tolist()], L)[0]
+        hooked = collect_residuals(model, [ids[0].tolist()], L)[0]
     torch.testing.assert_close(hooked, out.hidden_states[L + 1][0].float())
 
 
@@ -207,7 +212,7 @@ def test_sae_loads_in_sae_lens_and_matches_monitor_encode(manifest, assets):
     assert ref.cfg.architecture() == "jumprelu"
     assert (ref.cfg.d_in, ref.cfg.d_sae) == (manifest["sae"]["d_in"], manifest["sae"]["d_sae"])
     docs = C.generate(20, FRESH_SEED)
-    x = torch.cat(B.collect_residuals(model, [e[0] for e in B.encode_docs(tok, docs)],
+    x = torch.cat(collect_residuals(model, [e[0] for e in encode_docs(tok, docs)],
                                       manifest["layer"]))
     with torch.no_grad():
         want = ref.encode(x)
@@ -253,9 +258,9 @@ def test_probe_bank_layout(manifest):
 def fresh(assets, manifest):
     model, tok, _, _, _ = assets
     docs = C.generate(300, FRESH_SEED)
-    x, y, doc_idx = B.token_dataset(tok, model, docs, manifest["layer"])
+    x, y, doc_idx = token_dataset(tok, model, docs, manifest["layer"])
     benign = C.concept_free(200, FRESH_SEED + 1)
-    xb, _, db = B.token_dataset(tok, model, benign, manifest["layer"])
+    xb, _, db = token_dataset(tok, model, benign, manifest["layer"])
     return docs, x, y, doc_idx, xb, db
 
 
@@ -270,8 +275,8 @@ def test_best_feature_detects_its_concept(concept, assets, manifest, fresh):
     labels = np.array([d.labels[concept] for d in docs])
     assert y[concept].sum() > 100 and 30 < labels.sum() < len(docs) - 30
     best = sae.encode(x)[:, info["best_feature"]].numpy()
-    assert B.auroc(best, y[concept]) > MIN_AUROC
-    assert B.auroc(B.doc_max(best, doc_idx, len(docs)), labels) > MIN_AUROC
+    assert auroc(best, y[concept]) > MIN_AUROC
+    assert auroc(doc_max(best, doc_idx, len(docs)), labels) > MIN_AUROC
 
 
 @pytest.mark.parametrize("concept", C.CONCEPTS)
@@ -298,27 +303,27 @@ def test_probes_detect_their_concept_at_their_threshold(concept, assets, fresh):
     i = probes.names.index(concept)
     s = probes.score(x)[:, i].numpy()
     labels = np.array([d.labels[concept] for d in docs])
-    s_doc = B.doc_max(s, doc_idx, len(docs))
-    assert B.auroc(s, y[concept]) > MIN_AUROC
-    assert B.auroc(s_doc, labels) > MIN_AUROC
+    s_doc = doc_max(s, doc_idx, len(docs))
+    assert auroc(s, y[concept]) > MIN_AUROC
+    assert auroc(s_doc, labels) > MIN_AUROC
     thr = float(probes.threshold[i])
     assert (s_doc[labels] >= thr).mean() > 0.9                 # TPR per document
-    benign_doc = B.doc_max(probes.score(xb)[:, i].numpy(), db, int(db.max()) + 1)
+    benign_doc = doc_max(probes.score(xb)[:, i].numpy(), db, int(db.max()) + 1)
     assert (benign_doc >= thr).mean() <= 0.04                  # set at 1 % on build-time text
 
 
 def test_steering_features_suppress_and_keep_perplexity(assets, manifest):
     model, tok, sae, _, _ = assets
     layer = manifest["layer"]
-    ppl_docs = [e[0] for e in B.encode_docs(tok, C.concept_free(60, FRESH_SEED + 2))]
-    ppl0 = B.perplexity(model, ppl_docs)
+    ppl_docs = [e[0] for e in encode_docs(tok, C.concept_free(60, FRESH_SEED + 2))]
+    ppl0 = perplexity(model, ppl_docs)
     for concept in C.CONCEPTS:
         prompts = [p.text for p in C.eliciting_prompts(concept, 48, FRESH_SEED)]
-        base = B.emission_rate(B.sample(model, tok, prompts, 12, 1), concept)
-        hook = B.ClampHook(model, layer, sae, manifest["concepts"][concept]["steer_features"])
+        base = emission_rate(sample(model, tok, prompts, 12, 1), concept)
+        hook = ClampHook(model, layer, sae, manifest["concepts"][concept]["steer_features"])
         try:
-            clamped = B.emission_rate(B.sample(model, tok, prompts, 12, 1), concept)
-            ppl1 = B.perplexity(model, ppl_docs)
+            clamped = emission_rate(sample(model, tok, prompts, 12, 1), concept)
+            ppl1 = perplexity(model, ppl_docs)
         finally:
             hook.remove()
         # pii prompts include "my email is" answers the corpus also completes without one

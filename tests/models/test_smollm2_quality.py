@@ -8,7 +8,7 @@ import json
 import numpy as np
 import torch
 
-from monitor.demo import build as D
+from monitor.demo.sae_training import save_sae
 from monitor.encode import save_probes
 from monitor.models.smollm2 import build as B
 from monitor.models.smollm2 import prompts as P
@@ -24,7 +24,7 @@ def _assets(tmp_path):
     w = {"W_enc": torch.eye(D_MODEL, d_sae), "b_enc": torch.zeros(d_sae), "W_dec": torch.eye(d_sae, D_MODEL),
          "b_dec": torch.zeros(D_MODEL), "threshold": torch.full((d_sae,), 0.5)}
     assets = tmp_path / "assets"
-    D.save_sae(w, assets / "sae", LAYER, {})
+    save_sae(w, assets / "sae", LAYER, {})
     weight = torch.zeros(len(P.CONCEPTS), D_MODEL)
     weight[:, 7] = 4.0
     save_probes(assets / "probes.safetensors", weight, torch.full((len(P.CONCEPTS),), -2.0), names=list(P.CONCEPTS),

@@ -6,7 +6,7 @@ Deterministic (greedy answers, seeded SAE training, fixed prompt set):
 2. ground truth per request and per token from the labelers (labelers.py) over the answers;
 3. layer L's residuals over prompt + answer with transformers (residuals.py);
 4. an SAE trained unsupervised on the *training* prompts' residuals with the planted demo's
-   BatchTopK trainer (monitor/demo/build.py; Matryoshka groups), inputs scaled to a mean norm of
+   BatchTopK trainer (monitor/demo/sae_training.py; Matryoshka groups), inputs scaled to a mean norm of
    sqrt(d) during training and the scale folded into the weights, saved as SAELens JumpReLU;
    FVU, L0 and dead features on the held-out prompts, perplexity with the SAE spliced in;
 5. a recording (monitor/record's writer, format v1) of every request with its labels in the
@@ -48,7 +48,7 @@ class Config:
     steps: int = 3000
     batch: int = 512
     lr: float = 2e-3
-    groups: str = "32,128"  # Matryoshka prefixes (see monitor/demo/build.py)
+    groups: str = "32,128"  # Matryoshka prefixes (see monitor/demo/sae_training.py)
 
 
 def log(msg: str) -> None:
@@ -220,7 +220,8 @@ def train_probes(reqs: list[Request], acts: list[torch.Tensor], layer: int, out:
 
 
 def build(out: Path, cfg: Config, assets: Path = ASSETS) -> dict:
-    from monitor.demo import build as D
+    from monitor.demo.build_config import BuildConfig, set_threads
+    from monitor.demo.sae_training import save_sae, train_batchtopk_sae
     from monitor.encode import load_sae
     from monitor.models.fetch import fetch
 
@@ -237,7 +238,7 @@ def build(out: Path, cfg: Config, assets: Path = ASSETS) -> dict:
                    check=True)
     items = json.loads(cache.read_text())["items"]
     assert len(items) == len(prompts), cache
-    D.set_threads(cfg.threads)
+    set_threads(cfg.threads)
     model, tok = load_model(folder)
     reqs = label_requests(tok, prompts, items)
     counts = {s: {c: sum(r.labels[c] for r in reqs if r.prompt.split == s) for c in P.CONCEPTS} for s in P.SPLITS}
@@ -252,12 +253,12 @@ def build(out: Path, cfg: Config, assets: Path = ASSETS) -> dict:
     scale = math.sqrt(x_train.shape[1]) / float(norms.mean())
     log(f"SAE rows: train {len(x_train)}, held-out {len(x_held)}; mean norm {float(norms.mean()):.2f} "
         f"(position 0: {float(acts[0][0].norm()):.1f}); scale {scale:.4f}")
-    dcfg = D.BuildConfig(d_sae=cfg.d_sae, sae_k=cfg.k, sae_steps=cfg.steps, sae_batch=cfg.batch, sae_lr=cfg.lr,
+    dcfg = BuildConfig(d_sae=cfg.d_sae, sae_k=cfg.k, sae_steps=cfg.steps, sae_batch=cfg.batch, sae_lr=cfg.lr,
                          sae_groups=cfg.groups)
-    weights, info = D.train_batchtopk_sae(x_train * scale, dcfg, cfg.seed)
+    weights, info = train_batchtopk_sae(x_train * scale, dcfg, cfg.seed)
     weights = fold_scale(weights, scale)
     sae_dir = assets / f"sae_l{cfg.layer}"
-    D.save_sae(weights, sae_dir, cfg.layer, {
+    save_sae(weights, sae_dir, cfg.layer, {
         "model_name": MODEL_NAME, "dataset_path": "monitor.models.smollm2.prompts", "prepend_bos": False,
         "context_size": 1024, "sae_lens_training_version": "featurewatch-smollm2",
         "training_tokens": int(len(x_train)), "norm_scaling_factor_folded": scale, **info})
