@@ -52,23 +52,18 @@ def harvest(rt, labels) -> None:
         rt.counters.batches_dropped_queue_full += 1
         return
     src = rt.tables.tap
-    if isinstance(rt._plan_rows, slice):
-        view = src[rt._plan_rows, :n]
-    else:
-        view = src[:, :n].index_select(0, rt._plan_rows)
     ids = labels.input_ids
     ids = ids[:n] if ids is not None and ids.shape[0] >= n else None
-    tok_idx = None
+    tok_idx = sel_dev = None
     if keep is not None:
         tok_idx = np.nonzero(keep)[0]
         sel_dev = torch.from_numpy(tok_idx).to(src.device)
-        view = view.index_select(1, sel_dev)
         if ids is not None:
             ids = ids.index_select(0, sel_dev.to(ids.device))
     event = None
     slot = None
-    if ring is not None:
-        slot = write_step(ring, view, rt.step)
+    if ring is not None:  # gathered straight into the slot: the step's one copy
+        slot = write_step(ring, src, rt._plan_rows, n, sel_dev, rt.step)
         if slot is None:  # every slot still in use: the sidecar is behind (or hung)
             rt.counters.batches_dropped_queue_full += 1
             rt.counters.shm_ring_full += 1
@@ -76,7 +71,14 @@ def harvest(rt, labels) -> None:
         host = slot.rows
         if ids is not None:
             ids = ids.to("cpu", copy=True)
-    elif rt.tables.on_device:
+    else:
+        if isinstance(rt._plan_rows, slice):
+            view = src[rt._plan_rows, :n]
+        else:
+            view = src[:, :n].index_select(0, rt._plan_rows)
+        if sel_dev is not None:
+            view = view.index_select(1, sel_dev)
+    if ring is None and rt.tables.on_device:
         host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
         host.copy_(view, non_blocking=True)
         if ids is not None:  # rides on the same event as the activations
@@ -84,8 +86,9 @@ def harvest(rt, labels) -> None:
             ids = ids_host.copy_(ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-    else:
-        host = view.clone()
+    elif ring is None:  # index_select already made a copy: clone only a view of the tap buffer
+        gathered = sel_dev is not None or not isinstance(rt._plan_rows, slice)
+        host = view if gathered else view.clone()
         if ids is not None:  # vLLM refills its input buffer next step
             ids = ids.to("cpu", copy=True)
     sel = slice(None) if tok_idx is None else tok_idx

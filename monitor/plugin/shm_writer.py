@@ -89,17 +89,28 @@ class ShmPath:
                                                 "slot_bytes": w.slot_bytes, "free_slots": w.free_slots()}}
 
 
-def write_step(writer: RingWriter, rows: torch.Tensor, step: int) -> SlotRef | None:
-    """Copy ``rows`` (host memory) into a free slot and publish it; None when no slot is free.
-    The caller checked that the rows fit a slot."""
-    nbytes = rows.numel() * rows.element_size()
+def write_step(writer: RingWriter, src: torch.Tensor, rows: slice | torch.Tensor, n: int,
+               tokens: torch.Tensor | None, step: int) -> SlotRef | None:
+    """Copy the tap buffer's ``rows`` (planned layers) x first ``n`` tokens (only ``tokens``, an
+    index into them, when set) of ``src`` (host memory) into a free slot and publish it; None when
+    no slot is free. The rows are gathered straight into the slot: no intermediate tensor, one
+    copy. The caller checked that they fit a slot."""
+    layer_rows = range(*rows.indices(src.shape[0])) if isinstance(rows, slice) else rows.tolist()
+    shape = (len(layer_rows), n if tokens is None else int(tokens.shape[0]), src.shape[2])
+    nbytes = shape[0] * shape[1] * shape[2] * src.element_size()
     got = writer.acquire(nbytes)
     if got is None:
         return None
     slot, sequence, buf = got
     try:
-        dst = torch.from_numpy(buf).view(rows.dtype).view(rows.shape)
-        dst.copy_(rows)
+        dst = torch.from_numpy(buf).view(src.dtype).view(shape)
+        if tokens is None and isinstance(rows, slice):
+            dst.copy_(src[rows, :n])
+        elif tokens is None:
+            torch.index_select(src[:, :n], 0, rows, out=dst)
+        else:
+            for i, row in enumerate(layer_rows):
+                torch.index_select(src[row, :n], 0, tokens, out=dst[i])
         writer.publish(slot, sequence, step, nbytes)
     except BaseException:
         writer.abandon(slot)
