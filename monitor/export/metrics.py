@@ -7,6 +7,7 @@ Updated once per batch, never per token: label children are cached and per-token
 from __future__ import annotations
 
 import gc
+import math
 import re
 import threading
 import time
@@ -15,6 +16,8 @@ from collections import OrderedDict
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
 from prometheus_client.core import HistogramMetricFamily
+
+from monitor.export.plugin_stats import PluginCounts
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 SCORE_BUCKETS = tuple(round(x, 2) for x in np.linspace(0.05, 1.0, 20))
@@ -139,7 +142,6 @@ class SidecarMetrics:
         self.gc_pause = Histogram(p + "gc_pause_seconds", "Python garbage-collector pauses (they stop every thread), by generation.", ["generation"], buckets=LATENCY_BUCKETS, registry=r)
         self._gc_started: float | None = None
         self.plugin_queue_depth = Gauge(p + "plugin_queue_depth", "Plugin send queue depth.", ["model_name", "engine"], registry=r)
-        self._plugin_seen: dict = {}
         # ingest bounds (issue 10): rows one request's bad data cost, streams and replies given up
         self.tokens_dropped = Counter(p + "tokens_dropped", "Token rows left out of evaluation (a request's position out of "
                                       "range, non-finite activations), by reason.", ["reason"], registry=r)
@@ -171,7 +173,7 @@ class SidecarMetrics:
                                              "share name=other.", ["model_name", "engine", "kind", "name"], registry=r)
         self._steered_names = {"policy": set(), "rule": set()}  # label values in use, bounded (STEERED_NAMES)
         self._steered_series: dict[str, set] = {}  # engine -> (kind, name) series, removed with the engine label
-        self._steered_seen: OrderedDict = OrderedDict()  # plugin instance -> its last cumulative counts
+        self.plugin_counts = PluginCounts(self.PLUGIN_IDENTITIES)  # per plugin process: its last cumulative counts
 
     ENGINE_METRICS = ("batches_received", "plugin_connected", "plugin_dropped", "plugin_enqueue_sum", "plugin_enqueue_count",
                       "plugin_reconnects", "plugin_cached_tokens", "plugin_queue_depth")
@@ -182,6 +184,7 @@ class SidecarMetrics:
             getattr(self, name).remove(self.model_name, engine)
         for kind, name in self._steered_series.pop(engine, ()):
             self.plugin_tokens_steered.remove(self.model_name, engine, kind, name)
+        self.plugin_counts.forget_label(engine)  # a process back under a new label counts its totals again
 
     def watch_gc(self) -> None:
         """Time every garbage collection: a pause stalls the receive loop and the pipeline alike."""
@@ -217,36 +220,46 @@ class SidecarMetrics:
         for mode in ("open", "closed"):
             self.steering_failure_mode.labels(mode).set(1 if mode == failure_mode else 0)
 
-    def plugin_stats(self, engine: str, stats, stream=None, instance: str = "") -> None:
-        """PluginStats are cumulative; export the increase since the last report of this engine (of
-        this ``stream`` when given: streams sharing the label ``other`` each count from their own last)."""
-        with self.engines.lock:
-            if self.engines.known(engine):  # else the stream is gone and its label reclaimed: no series may come back
-                self._plugin_stats((self.model_name, engine), stats, (self.model_name, engine) if stream is None else ("stream", stream))
-                self._tokens_steered(engine, stats, ("instance", instance) if instance else ("stream", stream))
-
+    PLUGIN_IDENTITIES = 1024  # plugin processes whose last cumulative counts are kept (least recent forgotten)
     STEERED_NAMES = 64  # distinct policy (and rule) names exported per kind; beyond: name="other"
-    STEERED_INSTANCES = 1024  # plugin processes whose last counts are kept
+    # PluginStats field -> the counter it is exported as; the other cumulative fields only tell a restart
+    PLUGIN_COUNTERS = {"batches_dropped_queue_full": "plugin_dropped", "enqueue_seconds_sum": "plugin_enqueue_sum",
+                       "enqueue_count": "plugin_enqueue_count", "reconnects": "plugin_reconnects",
+                       "cached_prompt_tokens_untapped": "plugin_cached_tokens"}
+    PLUGIN_TOTALS = ("batches_enqueued", "batches_sent", "tokens_tapped", "steering_rows_applied", "directives_rejected")
 
-    def _tokens_steered(self, engine: str, stats, key) -> None:
-        """featurewatch_plugin_tokens_steered_total from PluginStats' per-name maps. The counts are
-        cumulative per plugin process and kept per ``key`` (Hello.instance) across its reconnects; a
-        count that went down means the process restarted (same host and pid): counted from zero."""
-        now = {("policy", n): v for n, v in stats.policy_tokens_steered.items()}
-        now.update({("rule", n): v for n, v in stats.rule_tokens_steered.items()})
-        now[("", "tokens_tapped")] = stats.tokens_tapped  # a restart shows here even before steering
-        last = self._steered_seen.pop(key, {})
-        if any(v < last.get(k, 0) for k, v in now.items()):
-            last = {}
-        self._steered_seen[key] = now
-        while len(self._steered_seen) > self.STEERED_INSTANCES:
-            self._steered_seen.popitem(last=False)
-        for (kind, name), value in now.items():
-            delta = value - last.get((kind, name), 0)
-            if kind and delta > 0:
-                label = self._steered_label(kind, name)
-                self.plugin_tokens_steered.labels(self.model_name, engine, kind, label).inc(delta)
-                self._steered_series.setdefault(engine, set()).add((kind, label))
+    def plugin_stats(self, engine: str, stats, stream=None, instance: str = "") -> None:
+        """PluginStats are cumulative per plugin process: export what grew since the last report of
+        this process (``instance``: the Hello's engine|instance, kept across its reconnects; without
+        one, each ``stream`` counts on its own). See monitor.export.plugin_stats for the rule."""
+        identity = ("instance", instance) if instance else ("stream", stream) if stream is not None else ("engine", engine)
+        with self.engines.lock:
+            if not self.engines.known(engine):  # the stream is gone and its label reclaimed: no series may come back
+                return
+            grew = self.plugin_counts.increases(identity, engine, stream or 0, self._cumulative(stats))
+            for (kind, name), delta in grew.items():
+                if kind == "field" and name in self.PLUGIN_COUNTERS:
+                    getattr(self, self.PLUGIN_COUNTERS[name]).labels(self.model_name, engine).inc(delta)
+                elif kind in ("policy", "rule"):
+                    self.plugin_tokens_steered.labels(self.model_name, engine, kind, name).inc(delta)
+                    self._steered_series.setdefault(engine, set()).add((kind, name))
+            self.plugin_queue_depth.labels(self.model_name, engine).set(stats.queue_depth)
+
+    def _cumulative(self, stats) -> dict:
+        """A report's cumulative counts by key; tokens steered summed per exported name (at most
+        STEERED_NAMES + 1 per kind), a float that is not finite or is negative left out."""
+        counts = {}
+        for field in (*self.PLUGIN_COUNTERS, *self.PLUGIN_TOTALS):
+            value = getattr(stats, field)
+            if math.isfinite(value) and value >= 0:
+                counts[("field", field)] = value
+        for kind, steered in (("policy", stats.policy_tokens_steered), ("rule", stats.rule_tokens_steered)):
+            for name, value in steered.items():
+                if not value:  # no label taken for a name that never steered
+                    continue
+                key = (kind, self._steered_label(kind, name))
+                counts[key] = counts.get(key, 0) + value
+        return counts
 
     def _steered_label(self, kind: str, name: str) -> str:
         names = self._steered_names[kind]
@@ -257,23 +270,8 @@ class SidecarMetrics:
         names.add(name)
         return name
 
-    def _plugin_stats(self, labels: tuple, stats, key) -> None:
-        last = self._plugin_seen.get(key, {})
-        fields = {
-            "batches_dropped_queue_full": self.plugin_dropped, "enqueue_seconds_sum": self.plugin_enqueue_sum,
-            "enqueue_count": self.plugin_enqueue_count, "reconnects": self.plugin_reconnects,
-            "cached_prompt_tokens_untapped": self.plugin_cached_tokens,
-        }
-        now = {}
-        for field, counter in fields.items():
-            value = getattr(stats, field)
-            now[field] = value
-            delta = value - last.get(field, 0)
-            if delta > 0:
-                counter.labels(*labels).inc(delta)
-        self._plugin_seen[key] = now
-        self.plugin_queue_depth.labels(*labels).set(stats.queue_depth)
-
     def plugin_restarted(self, engine: str, stream=None) -> None:
-        """A new Hello (or a stream gone): the plugin's cumulative counters start again from zero."""
-        self._plugin_seen.pop((self.model_name, engine) if stream is None else ("stream", stream), None)
+        """A new stream (or one gone): a plugin without an instance in its Hello counts per stream,
+        from zero. Processes that name themselves keep their counts across streams."""
+        with self.engines.lock:
+            self.plugin_counts.forget(("stream", stream) if stream is not None else ("engine", engine))

@@ -19,7 +19,7 @@ class PluginClient:
     """Opens Ingest.Stream, sends Hello, and collects what the sidecar sends back."""
 
     def __init__(self, address: str, d_model: int, layers=(1,), model_name: str = "test-model", engine: str = "0",
-                 dtype: int = pb.FLOAT32, shm_capable: bool = False) -> None:
+                 dtype: int = pb.FLOAT32, shm_capable: bool = False, instance: str = "") -> None:
         self.channel = grpc.insecure_channel(address, options=[("grpc.max_send_message_length", MAX_MESSAGE),
                                                               ("grpc.max_receive_message_length", MAX_MESSAGE)])
         self.d_model, self.dtype = d_model, dtype
@@ -29,7 +29,7 @@ class PluginClient:
         self._cond = threading.Condition()
         self._out.put(pb.PluginMessage(hello=pb.Hello(model_name=model_name, d_model=d_model, available_layers=list(layers),
                                                       dtype=dtype, plugin_version="test", engine=engine, max_tokens_per_step=8192,
-                                                      shm_capable=shm_capable)))
+                                                      shm_capable=shm_capable, instance=instance)))
         # bytes pass through as they are: batches pre-encoded the way the real plugin sends them
         stream = self.channel.stream_stream("/featurewatch.v1.Ingest/Stream", request_serializer=serialize_message,
                                             response_deserializer=pb.SidecarMessage.FromString)
