@@ -45,7 +45,9 @@ ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch>=2.4"
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl \
+# [tokenizer]: `tokenizer:` in the config (alert context as text) reads the model's tokenizer.json
+RUN pip install --no-cache-dir "$(echo /wheels/featurewatch-*.whl)[tokenizer]" \
+ && python -c "import tokenizers" \
  && useradd --uid 1000 --user-group --no-create-home --shell /usr/sbin/nologin featurewatch \
  && mkdir -p /run/featurewatch /etc/featurewatch/rules /models/featurewatch \
  && chown featurewatch:featurewatch /run/featurewatch

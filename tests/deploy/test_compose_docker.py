@@ -143,6 +143,9 @@ def test_dockerfile():
     assert sidecar["USER"].split(":")[0] == "1000"  # = runAsUser in deploy/k8s (socket mode 0600)
     assert set(sidecar["EXPOSE"].split()) == {"50051", "9400"}
     assert "grpc_health" in sidecar["HEALTHCHECK"]
+    # the `tokenizer` extra, so `tokenizer:` in the sidecar config works in the container
+    installs = " ".join(a for i, a in stages["sidecar"] if i == "RUN" and "/wheels/" in a)
+    assert re.search(r'pip install [^&]*/wheels/featurewatch-\*\.whl\)\[tokenizer\]"', installs), installs
     # The vllm stage installs the wheel pinned to the image's torch/vLLM and enables the plugin.
     vllm = stages["vllm"]
     run_steps = " ".join(a for i, a in vllm if i == "RUN")
