@@ -38,7 +38,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monitor.protocol import pb  # noqa: E402
 from tests.support.dictionaries import PLANTED_FEATURE, planted_direction  # noqa: E402
 from tests.support.plugin_client import PluginClient  # noqa: E402
-from tests.support.shm_sender import ShmSender  # noqa: E402
 from tests.support.sidecar import SidecarProcess, free_port, metric_value as metric  # noqa: E402
 
 
@@ -92,8 +91,38 @@ def on_the_wire(x: np.ndarray, dtype: str) -> np.ndarray:
     return torch.from_numpy(np.ascontiguousarray(x)).to(torch.bfloat16).view(torch.int16).numpy()
 
 
+class PluginShmSender:
+    """The plugin's own shared-memory step, so the sender column measures the plugin's code: the
+    rows copied into a slot (``monitor.plugin.shm_writer.write_step``, one copy) and the descriptor
+    message its client thread sends (``BatchItem.messages``)."""
+
+    def __init__(self, ring: pb.ShmRing) -> None:
+        from monitor.protocol.shm_ring import RingWriter
+
+        self.writer = RingWriter.attach(ring.path, ring.slots, ring.slot_bytes, ring.nonce)
+
+    def batch(self, step: int, x: np.ndarray, request_ids, token_request, positions, generated) -> bytes | None:
+        """The descriptor message of ``x`` [layers, tokens, d] written into a slot; None when every
+        slot is in use (the plugin drops the step there; the bench waits and tries again)."""
+        import torch
+
+        from monitor.plugin.client import BatchItem
+        from monitor.plugin.shm_writer import write_step
+
+        src = torch.from_numpy(x)
+        if x.dtype == np.int16:  # bf16 bit patterns (on_the_wire)
+            src = src.view(torch.bfloat16)
+        ref = write_step(self.writer, src, slice(0, src.shape[0]), src.shape[1], None, step)
+        if ref is None:
+            return None
+        item = BatchItem(step=step, layers=[1], host=ref.rows, event=None, request_ids=request_ids,
+                         token_request_index=token_request, positions=positions, is_generated=generated,
+                         captured_unix_s=time.time(), shm=ref)
+        return next(item.messages(0))
+
+
 def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps_per_request: int = 64,
-               fresh_last: bool = False, shm: ShmSender | None = None) -> bytes:
+               fresh_last: bool = False, shm: PluginShmSender | None = None) -> bytes:
     """One model step: `n_requests` requests, each with an equal share of the step's tokens.
     A request lives `steps_per_request` steps (positions advance), then new ids take over;
     ids are unique per phase since re-sent (request, position) pairs are deduplicated.
@@ -108,8 +137,8 @@ def make_batch(step: int, x: np.ndarray, n_requests: int, phase: str = "", steps
     positions = offset * per + np.tile(np.arange(per), n_requests)
     dtype = pb.FLOAT32 if x.dtype == np.float32 else pb.BFLOAT16
     if shm is not None:  # into a ring slot; a descriptor on the stream (wait for a free slot)
-        while (msg := shm.batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n,
-                                dtype=dtype)) is None:
+        token_request, generated = np.repeat(np.arange(n_requests), per), np.ones(n, dtype=bool)
+        while (msg := shm.batch(step, x, rids, token_request, positions, generated)) is None:
             time.sleep(0.0005)
         return msg
     return PluginClient.encoded_batch(step, [1], x, rids, np.repeat(np.arange(n_requests), per), positions, [True] * n,
@@ -170,7 +199,7 @@ def blast(address: str, d: int, seconds: float, make, payload: int, shm: bool = 
         if shm:
             if not planned.wait(30) or not ring:
                 raise RuntimeError("the sidecar announced no shared-memory ring")
-            sender = ShmSender(ring[0])
+            sender = PluginShmSender(ring[0])
         while time.perf_counter() - start < seconds:
             sent["batches"] += 1
             msg = make(sent["batches"], sender) if shm else make(sent["batches"])
@@ -308,7 +337,7 @@ def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seco
     before = sc.metrics()
     client = PluginClient(sc.socket_address, d, layers=[1], shm_capable=shm)
     plan = client.plan(timeout=30)
-    sender = ShmSender(plan.shm_ring) if shm else None
+    sender = PluginShmSender(plan.shm_ring) if shm else None
     xp = x.copy()
     xp[0, -1] += 10 * planted_direction(d)  # the last token of the last request of every batch
     xp = on_the_wire(xp, wire)

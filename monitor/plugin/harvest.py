@@ -63,7 +63,7 @@ def harvest(rt, labels) -> None:
     event = None
     slot = None
     if ring is not None:  # gathered straight into the slot: the step's one copy
-        slot = write_step(ring, src, rt._plan_rows, n, sel_dev, rt.step)
+        slot = write_step(ring, src, rt._plan_rows, n, tok_idx, rt.step)
         if slot is None:  # every slot still in use: the sidecar is behind (or hung)
             rt.counters.batches_dropped_queue_full += 1
             rt.counters.shm_ring_full += 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from monitor.plugin.config import PluginConfig, grpc_target
@@ -90,29 +91,39 @@ class ShmPath:
 
 
 def write_step(writer: RingWriter, src: torch.Tensor, rows: slice | torch.Tensor, n: int,
-               tokens: torch.Tensor | None, step: int) -> SlotRef | None:
+               tokens: np.ndarray | None, step: int) -> SlotRef | None:
     """Copy the tap buffer's ``rows`` (planned layers) x first ``n`` tokens (only ``tokens``, an
     index into them, when set) of ``src`` (host memory) into a free slot and publish it; None when
-    no slot is free. The rows are gathered straight into the slot: no intermediate tensor, one
-    copy. The caller checked that they fit a slot."""
+    no slot is free. The caller checked that they fit a slot.
+
+    The rows are gathered straight into the slot (no intermediate tensor: one copy), by numpy on
+    this thread: torch would split a copy this size over its intra-op threads, which on a busy
+    host spin waiting for cores and cost several times the copy's own CPU."""
     layer_rows = range(*rows.indices(src.shape[0])) if isinstance(rows, slice) else rows.tolist()
-    shape = (len(layer_rows), n if tokens is None else int(tokens.shape[0]), src.shape[2])
+    shape = (len(layer_rows), n if tokens is None else len(tokens), src.shape[2])
     nbytes = shape[0] * shape[1] * shape[2] * src.element_size()
     got = writer.acquire(nbytes)
     if got is None:
         return None
     slot, sequence, buf = got
     try:
-        dst = torch.from_numpy(buf).view(src.dtype).view(shape)
+        a = _as_numpy(src)
+        dst = buf.view(a.dtype).reshape(shape)
         if tokens is None and isinstance(rows, slice):
-            dst.copy_(src[rows, :n])
-        elif tokens is None:
-            torch.index_select(src[:, :n], 0, rows, out=dst)
+            np.copyto(dst, a[rows, :n])
         else:
             for i, row in enumerate(layer_rows):
-                torch.index_select(src[row, :n], 0, tokens, out=dst[i])
+                if tokens is None:
+                    np.copyto(dst[i], a[row, :n])
+                else:
+                    np.take(a[row, :n], tokens, axis=0, out=dst[i])
         writer.publish(slot, sequence, step, nbytes)
     except BaseException:
         writer.abandon(slot)
         raise
-    return SlotRef(writer, slot, sequence, nbytes, dst)
+    return SlotRef(writer, slot, sequence, nbytes, torch.from_numpy(dst).view(src.dtype))
+
+
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A numpy view of a host tensor (bfloat16, which numpy lacks, as its 16-bit patterns)."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()

@@ -225,20 +225,21 @@ def test_a_restarted_plugin_gets_a_fresh_ring_and_the_old_one_is_removed(sidecar
 
 
 @pytest.mark.parametrize("rows", [slice(1, 3), torch.tensor([2, 0])], ids=["layer-slice", "layer-index"])
-@pytest.mark.parametrize("tokens", [None, torch.tensor([0, 3, 4])], ids=["all-tokens", "some-tokens"])
-def test_write_step_gathers_the_planned_rows_and_tokens_into_the_slot(tmp_path, rows, tokens):
+@pytest.mark.parametrize("tokens", [None, np.array([0, 3, 4])], ids=["all-tokens", "some-tokens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_step_gathers_the_planned_rows_and_tokens_into_the_slot(tmp_path, rows, tokens, dtype):
     """The one copy into the slot holds exactly the planned layers' (selected) tokens, in order,
     and the sidecar's side reads the same bytes back."""
     reader = RingReader.create(tmp_path, 2, 3 * TOKENS * D * 4)
     g = reader.geometry
     writer = RingWriter.attach(g.path, g.n_slots, g.slot_bytes, g.nonce)
-    tap = torch.from_numpy(np.random.default_rng(7).standard_normal((3, TOKENS + 2, D)).astype(np.float32))
+    tap = torch.from_numpy(np.random.default_rng(7).standard_normal((3, TOKENS + 2, D)).astype(np.float32)).to(dtype)
     want = tap[rows, :5] if isinstance(rows, slice) else tap[:, :5][rows]
     if tokens is not None:
-        want = want[:, tokens]
+        want = want[:, torch.from_numpy(tokens)]
     ref = write_step(writer, tap, rows, 5, tokens, step=9)
-    assert ref is not None and tuple(ref.rows.shape) == tuple(want.shape)
+    assert ref is not None and ref.rows.dtype == dtype and tuple(ref.rows.shape) == tuple(want.shape)
     assert torch.equal(ref.rows, want)
     view = reader.take(ref.slot, ref.sequence, 9, ref.nbytes)
-    assert np.array_equal(view.view(np.float32).reshape(want.shape), want.numpy())
+    assert torch.equal(torch.from_numpy(view).view(dtype).view(want.shape), want)
     reader.close()
