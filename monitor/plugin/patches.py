@@ -240,7 +240,7 @@ def patch_loaders() -> None:
 
 
 def _v1_labels(runner, input_ids=None):
-    from monitor.plugin.runtime import StepLabels
+    from monitor.plugin.step_hooks import StepLabels
 
     ib = runner.input_batch
     num_reqs = ib.num_reqs
@@ -341,7 +341,7 @@ def _wrap_v2_execute(orig):
 
 def _wrap_v2_prepare(orig):
     def prepare_inputs(self, *args, **kwargs):
-        from monitor.plugin.runtime import StepLabels
+        from monitor.plugin.step_hooks import StepLabels
         from monitor.plugin.state import RUNTIME
 
         ib = orig(self, *args, **kwargs)

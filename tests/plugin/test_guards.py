@@ -16,8 +16,9 @@ from monitor.plugin.actions import ActionLimits, parse_action
 from monitor.plugin.client import Counters
 from monitor.plugin.config import PluginConfig
 from monitor.plugin.hooks import LayerHook, attach_buffers
-from monitor.plugin.runtime import Runtime, StepLabels
+from monitor.plugin.runtime import Runtime
 from monitor.plugin.steering import PRIVATE_KEY, SteeringState
+from monitor.plugin.step_hooks import StepLabels
 from monitor.plugin.table import SteeringTable
 from monitor.protocol import pb
 from tests.plugin.fake_sidecar import add_action, clamp_action

@@ -13,7 +13,8 @@ import torch
 from monitor.plugin import ops
 from monitor.plugin.config import PluginConfig
 from monitor.plugin.internal import kind
-from monitor.plugin.runtime import Runtime, StepLabels
+from monitor.plugin.runtime import Runtime
+from monitor.plugin.step_hooks import StepLabels
 from monitor.protocol import pb
 
 

@@ -47,7 +47,7 @@ def test_policy_and_directive_tokens_are_counted_per_name():
                              actions=[add_action(1, _unit(21), 1.0)])
     rt._on_message(pb.SidecarMessage(directive=d))
     rt.pre_step(type("S", (), {"scheduled_new_reqs": (), "finished_req_ids": ()})())
-    from monitor.plugin.runtime import StepLabels
+    from monitor.plugin.step_hooks import StepLabels
 
     labels = StepLabels(["a", "b", "c"], np.array([0, 1, 4, 5]), np.array([4, 3, 2]), 5)
     rt.before_forward(labels)
@@ -83,7 +83,7 @@ def test_an_aborted_forward_counts_nothing():
     rt.pre_step(type("S", (), {"scheduled_new_reqs": (), "finished_req_ids": ()})())
     _decide(rt, reqs)
     rt.pre_step(type("S", (), {"scheduled_new_reqs": reqs, "finished_req_ids": ()})())
-    from monitor.plugin.runtime import StepLabels
+    from monitor.plugin.step_hooks import StepLabels
 
     rt.before_forward(StepLabels(["a"], np.array([0, 3]), np.array([0]), 3))
     rt.abort_forward()

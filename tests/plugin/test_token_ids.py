@@ -13,7 +13,8 @@ import torch
 from monitor.plugin import ops
 from monitor.plugin.client import BatchItem
 from monitor.plugin.config import PluginConfig
-from monitor.plugin.runtime import Runtime, StepLabels
+from monitor.plugin.runtime import Runtime
+from monitor.plugin.step_hooks import StepLabels
 from monitor.protocol import pb
 
 D = 8

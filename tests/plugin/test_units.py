@@ -476,7 +476,8 @@ def test_v2_runner_adapter_labels_and_dummy_runs():
 def test_harvest_copies_the_planned_layers_and_this_steps_tokens(layers):
     import types
 
-    from monitor.plugin.runtime import Runtime, StepLabels
+    from monitor.plugin.runtime import Runtime
+    from monitor.plugin.step_hooks import StepLabels
 
     t = ops.SteerTables(num_layers=4, d_model=8, rows=4, clamps=2, max_tokens=16,
                         device=torch.device("cpu"), dtype=torch.float32, do_tap=True)
