@@ -40,6 +40,8 @@ from monitor.demo.scoring import auroc, auroc_columns  # noqa: E402
 from monitor.demo.shipped import doc_max, load_assets, token_dataset  # noqa: E402
 from monitor.demo.tokenizer import encode_docs  # noqa: E402
 from monitor.demo import corpus as C  # noqa: E402
+from monitor.demo.corpus_labels import find_mentions  # noqa: E402
+from monitor.demo.corpus_templates import CONCEPTS  # noqa: E402
 
 GOALS = {"auroc": 0.99, "reduction": 0.95, "ppl_rise": 0.05}
 
@@ -69,7 +71,7 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
     out: dict = {"assets": str(assets), "seed": seed, "corpus_seed": base_seed, "layer": layer,
                  "docs": n_docs, "tokens": int(x.shape[0]), "prompts": n_prompts,
                  "max_new_tokens": max_new_tokens, "ppl_base": ppl_base, "concepts": {}}
-    for ci, c in enumerate(C.CONCEPTS):
+    for ci, c in enumerate(CONCEPTS):
         info = man["concepts"][c]
         feat = int(info["best_feature"])
         doc_labels = np.array([d.labels[c] for d in docs])
@@ -111,9 +113,9 @@ def evaluate(assets: Path, seed: int, n_docs: int, n_prompts: int, max_new_token
             "steer_features": steer,
             "emission_base": e0, "emission_clamped": e1,
             "emission_reduction": (1 - e1 / e0) if e0 > 0 else float("nan"),
-            "strict_emission_base": float(np.mean([bool(C.find_mentions(g, c, strict=True))
+            "strict_emission_base": float(np.mean([bool(find_mentions(g, c, strict=True))
                                                    for g in g0])),
-            "strict_emission_clamped": float(np.mean([bool(C.find_mentions(g, c, strict=True))
+            "strict_emission_clamped": float(np.mean([bool(find_mentions(g, c, strict=True))
                                                       for g in g1])),
             "ppl_clamped": ppl_clamped, "ppl_rise": ppl_clamped / ppl_base - 1,
             "examples": [{"prompt": p[-80:], "base": a_, "clamped": b_}

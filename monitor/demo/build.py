@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from monitor.demo import corpus as C
+from monitor.demo.corpus_templates import BRANDS, CONCEPTS
 from monitor.demo.build_config import ASSETS, BuildConfig, CALIB_SEED_OFFSET, MODEL_NAME, STEER_SEED_OFFSET, TRAIN_SEED_OFFSET, VALID_SEED_OFFSET, log, set_threads
 from monitor.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID, encode_docs, save_tokenizer, train_tokenizer
 from monitor.demo.lm import PLANTED, collect_residuals, concept_targets, layer_module, make_model, plant_directions, train_lm
@@ -209,9 +210,9 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     mean, scale = xp.mean(0), xp.std(0).clamp_min(1e-4)
     calib = C.concept_free(cfg.calib_docs, seed + CALIB_SEED_OFFSET)
     xc, _, dc = token_dataset(tok, model, calib, cfg.layer)
-    doc_labels_v = {c: np.array([d.labels[c] for d in valid_docs]) for c in C.CONCEPTS}
+    doc_labels_v = {c: np.array([d.labels[c] for d in valid_docs]) for c in CONCEPTS}
     weights, biases, thresholds, probe_info = [], [], [], {}
-    for c in C.CONCEPTS:
+    for c in CONCEPTS:
         w, b = train_probe(xp, torch.as_tensor(yp[c]), mean, scale)
         weights.append(w)
         biases.append(b)
@@ -232,7 +233,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     from monitor.encode import save_probes
 
     save_probes(tmp / probes_name, torch.stack(weights), torch.tensor(biases),
-                names=list(C.CONCEPTS), layer=cfg.layer, mean=mean, scale=scale,
+                names=list(CONCEPTS), layer=cfg.layer, mean=mean, scale=scale,
                 threshold=torch.tensor(thresholds))
 
     # features per concept: token-level AUROC on validation text
@@ -240,11 +241,11 @@ def build(out: Path, cfg: BuildConfig) -> dict:
     concepts: dict[str, dict] = {}
     steer_prompts = {c: [p.text for p in C.eliciting_prompts(c, cfg.steer_prompts,
                                                              seed + STEER_SEED_OFFSET)]
-                     for c in C.CONCEPTS}
+                     for c in CONCEPTS}
     neutral_prompts = [p.text for p in C.eliciting_prompts(None, cfg.steer_prompts,
                                                             seed + STEER_SEED_OFFSET)]
     steer_ppl_docs = [e[0] for e in encode_docs(tok, C.concept_free(150, seed + STEER_SEED_OFFSET))]
-    for c in C.CONCEPTS:
+    for c in CONCEPTS:
         a = auroc_columns(fv, yv[c])
         a = np.nan_to_num(a, nan=0.5)
         top = [int(i) for i in np.argsort(-a, kind="stable")[:8]]
@@ -281,7 +282,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
                                        steer_ppl_docs, cfg, seed + STEER_SEED_OFFSET)
         concepts[c] = {"features": feats, "best_feature": feats[0]["feature"],
                        "steer_features": steer["features"], "steer_selection": steer,
-                       "probe": c, "probe_index": C.CONCEPTS.index(c), **{
+                       "probe": c, "probe_index": CONCEPTS.index(c), **{
                            f"probe_{k}": v for k, v in probe_info[c].items()}}
 
     manifest = {
@@ -299,7 +300,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
                     f", matryoshka prefixes {cfg.sae_groups}" if cfg.sae_groups else ""), "d_in": cfg.hidden, "d_sae": cfg.d_sae,
                 "threshold": sae_meta["threshold"], "valid_fvu": fvu, "valid_l0": l0,
                 "alive_features": alive, "valid_perplexity_spliced": ppl_spliced},
-        "probes": {"path": probes_name, "names": list(C.CONCEPTS), "fpr": cfg.fpr,
+        "probes": {"path": probes_name, "names": list(CONCEPTS), "fpr": cfg.fpr,
                    "threshold_on": "per-token probability, 1 % FPR on benign calibration text"},
         "planted": {"path": "planted_l2.safetensors" if cfg.layer == 2 else
                     f"planted_l{cfg.layer}.safetensors", "names": list(PLANTED),
@@ -307,7 +308,7 @@ def build(out: Path, cfg: BuildConfig) -> dict:
                     "counterfactual_docs": cfg.counterfactual_docs,
                     "note": "training target only: the SAE and probes never see these"},
         "concepts": concepts,
-        "brands": list(C.BRANDS),
+        "brands": list(BRANDS),
         "seeds": {"build": seed, "train_corpus": seed + TRAIN_SEED_OFFSET,
                   "valid_corpus": seed + VALID_SEED_OFFSET,
                   "calibration_corpus": seed + CALIB_SEED_OFFSET,

@@ -8,7 +8,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from monitor.demo import corpus as C
+from monitor.demo.corpus_labels import find_mentions
 from monitor.demo.tokenizer import EOS_ID, PAD_ID
 from monitor.demo.lm import pad_batch, layer_module
 
@@ -73,7 +73,7 @@ def sample(model, tok, prompts: Sequence[str], max_new_tokens: int, seed: int,
 
 
 def emission_rate(generations: Sequence[str], concept: str) -> float:
-    return float(np.mean([bool(C.find_mentions(g, concept)) for g in generations]))
+    return float(np.mean([bool(find_mentions(g, concept)) for g in generations]))
 
 
 @torch.no_grad()

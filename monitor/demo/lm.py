@@ -10,7 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from monitor.demo import corpus as C
+from monitor.demo.corpus_labels import Example, token_labels
+from monitor.demo.corpus_templates import CONCEPTS
 from monitor.demo.build_config import BuildConfig, log
 from monitor.demo.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -59,7 +60,7 @@ def pad_batch(seqs: Sequence[Sequence[int]], left: bool = False) -> tuple[torch.
     return ids, mask
 
 
-PLANTED = tuple(f"{c}{suffix}" for c in C.CONCEPTS for suffix in ("", "_next"))
+PLANTED = tuple(f"{c}{suffix}" for c in CONCEPTS for suffix in ("", "_next"))
 
 
 def plant_directions(d: int, seed: int) -> torch.Tensor:
@@ -71,15 +72,15 @@ def plant_directions(d: int, seed: int) -> torch.Tensor:
     return q.T.float().contiguous()
 
 
-def concept_targets(docs: Sequence[C.Example], enc) -> list[np.ndarray]:
+def concept_targets(docs: Sequence[Example], enc) -> list[np.ndarray]:
     """Per document a ``[len(ids) + 1, len(PLANTED)]`` 0/1 array (the +1 is the EOS appended for
     training): ``concept`` = the token is part of a mention, ``concept_next`` = the next token
     is the first token of a mention."""
     out = []
     for d, (ids, offsets) in zip(docs, enc):
         cols = []
-        for c in C.CONCEPTS:
-            inside = np.array(C.token_labels(d, offsets, c) + [False])
+        for c in CONCEPTS:
+            inside = np.array(token_labels(d, offsets, c) + [False])
             nxt = np.zeros_like(inside)
             nxt[:-1] = inside[1:] & ~inside[:-1]
             cols += [inside, nxt]

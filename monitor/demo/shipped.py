@@ -9,7 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from monitor.demo import corpus as C
+from monitor.demo.corpus_labels import Example, token_labels
+from monitor.demo.corpus_templates import CONCEPTS
 from monitor.demo.build_config import ASSETS
 from monitor.demo.tokenizer import encode_docs
 from monitor.demo.lm import collect_residuals
@@ -33,13 +34,13 @@ def load_assets(root: str | Path = ASSETS):
     return model, tok, sae, probes, manifest
 
 
-def token_dataset(tok, model, docs: Sequence[C.Example], layer: int):
+def token_dataset(tok, model, docs: Sequence[Example], layer: int):
     """Residuals [N, d] of every token of ``docs`` plus per-concept token labels and doc index."""
     enc = encode_docs(tok, docs)
     res = collect_residuals(model, [e[0] for e in enc], layer)
     x = torch.cat(res)
-    labels = {c: np.concatenate([C.token_labels(d, e[1], c) for d, e in zip(docs, enc)])
-              for c in C.CONCEPTS}
+    labels = {c: np.concatenate([token_labels(d, e[1], c) for d, e in zip(docs, enc)])
+              for c in CONCEPTS}
     doc_idx = np.concatenate([np.full(len(e[0]), i) for i, e in enumerate(enc)])
     return x, labels, doc_idx
 

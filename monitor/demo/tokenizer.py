@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 
-from monitor.demo import corpus as C
+from monitor.demo.corpus_labels import Example
 
 
 SPECIALS = ("<|pad|>", "<|bos|>", "<|eos|>")
@@ -56,7 +56,7 @@ def save_tokenizer(tok, out: Path) -> None:
         {"bos_token": "<|bos|>", "eos_token": "<|eos|>", "pad_token": "<|pad|>"}, indent=2) + "\n")
 
 
-def encode_docs(tok, docs: Sequence[C.Example]) -> list[tuple[list[int], list[tuple[int, int]]]]:
+def encode_docs(tok, docs: Sequence[Example]) -> list[tuple[list[int], list[tuple[int, int]]]]:
     """Token ids (BOS first, no EOS) and character offsets per document."""
     encs = tok.encode_batch([d.text for d in docs])
     return [(e.ids, e.offsets) for e in encs]

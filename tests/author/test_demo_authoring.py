@@ -25,7 +25,8 @@ import yaml
 from typer.testing import CliRunner
 
 from monitor.cli import app
-from monitor.demo import corpus
+from monitor.demo.corpus_labels import BRAND_LEAK_RE, EMAIL_RE, PHONE_RE, PII_LEAK_RE, find_mentions
+from monitor.demo.corpus_templates import CONCEPTS
 from monitor.demo.run import Demo, Options, demo_rules, write_labels
 
 pytestmark = pytest.mark.vllm
@@ -112,12 +113,12 @@ def test_traffic_was_recorded_with_every_token_and_its_text(served):
     assert rec.manifest.layers == [served["manifest"]["layer"]] and rec.manifest.d_model == 128
     by_api = {s.api_id: s for s in served["sent"]}
     detok = Detokenizer(served["tokenizer"])
-    n_mentions = {c: 0 for c in corpus.CONCEPTS}
+    n_mentions = {c: 0 for c in CONCEPTS}
     whole = 0
     for r in rec.iter_requests(layers=[]):
         s = by_api[r.api_request_id.removeprefix("cmpl-")]
-        for c in corpus.CONCEPTS:
-            n_mentions[c] += bool(corpus.find_mentions(s.text, c))
+        for c in CONCEPTS:
+            n_mentions[c] += bool(find_mentions(s.text, c))
         assert r.generated.sum() <= 19  # max_tokens 20, the last never tapped
         # every queue on the way is deep in `demo --record` (plugin, sidecar, recorder) and traffic starts
         # once the plugin is connected: a busy CPU delays batches, it drops none
@@ -135,7 +136,7 @@ def test_traffic_was_recorded_with_every_token_and_its_text(served):
 
 def test_probes_train_reaches_the_shipped_probes_quality(served, tmp_path):
     m = served["manifest"]
-    args = [f"--regex={c}={rx}" for c, rx in (("competitor", "(?i)" + corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
+    args = [f"--regex={c}={rx}" for c, rx in (("competitor", "(?i)" + BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
     code, out, errs = run("probes", "train", served["rec"], *args, "--tokenizer", served["tokenizer"], "--per", "token",
                           "--fpr", 0.01, "--out", tmp_path / "trained.safetensors", "--json")
     assert code == 0, errs
@@ -154,7 +155,7 @@ def _record_metrics(demo) -> str:
 
 
 def _pii_pattern() -> str:
-    return "|".join(r.pattern for r in (corpus.EMAIL_RE, corpus.PHONE_RE, corpus.PII_LEAK_RE))
+    return "|".join(r.pattern for r in (EMAIL_RE, PHONE_RE, PII_LEAK_RE))
 
 
 def test_features_compare_finds_the_concept_features(served):
@@ -221,7 +222,7 @@ def test_rules_built_from_the_found_features_and_trained_probes(served, tmp_path
     probe trained by `probes train`, each calibrated to 1 % per request, then backtested."""
     labels = served["labels"]
     bank = tmp_path / "trained.safetensors"
-    args = [f"--regex={c}={rx}" for c, rx in (("competitor", "(?i)" + corpus.BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
+    args = [f"--regex={c}={rx}" for c, rx in (("competitor", "(?i)" + BRAND_LEAK_RE.pattern), ("pii", _pii_pattern()))]
     code, out, errs = run("probes", "train", served["rec"], *args, "--tokenizer", served["tokenizer"], "--out", bank, "--json")
     assert code == 0, errs
     cfg = yaml.safe_load(served["config"].read_text())

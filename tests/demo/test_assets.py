@@ -20,6 +20,8 @@ from monitor.demo.scoring import auroc
 from monitor.demo.shipped import doc_max, load_assets, token_dataset
 from monitor.demo.tokenizer import BOS_ID, encode_docs
 from monitor.demo import corpus as C
+from monitor.demo.corpus_labels import EMAIL_RE, PHONE_RE, find_mentions, token_labels
+from monitor.demo.corpus_templates import BRANDS, COMPETITOR_ASKS, CONCEPTS, OWN_PRODUCT, PII_ASKS, PII_REQUESTS, SUGGEST_LEADS
 
 # the shipped assets, or a rebuild to check before shipping it
 ASSETS = Path(os.environ.get("FEATUREWATCH_DEMO_ASSETS", SHIPPED_ASSETS))
@@ -69,12 +71,12 @@ def test_counterfactual_documents_keep_the_context_without_mentions():
     text = "\n".join(d.text for d in docs)
     for d in docs:
         assert d.spans == () and d.kind in ("competitor", "pii", "mixed")
-        for c in C.CONCEPTS:
-            assert C.find_mentions(d.text, c) == [], d.text
-    asks = [C.COMPETITOR_ASKS, *C.PII_ASKS.values(), *C.PII_REQUESTS.values()]
+        for c in CONCEPTS:
+            assert find_mentions(d.text, c) == [], d.text
+    asks = [COMPETITOR_ASKS, *PII_ASKS.values(), *PII_REQUESTS.values()]
     n_context = sum(any(a.split("{")[0] in d.text for group in asks for a in group) for d in docs)
     assert n_context > 0.8 * len(docs)  # volunteered PII declines to a plain exchange
-    assert any(lead in text for lead in C.SUGGEST_LEADS)
+    assert any(lead in text for lead in SUGGEST_LEADS)
 
 
 def test_corpus_mix_and_document_labels():
@@ -97,27 +99,27 @@ def test_spans_are_exact_and_complete():
             t = d.text[s.start:s.end]
             n += 1
             if s.kind == "brand":
-                assert s.concept == "competitor" and t in C.BRANDS
+                assert s.concept == "competitor" and t in BRANDS
             elif s.kind == "email":
-                assert s.concept == "pii" and C.EMAIL_RE.fullmatch(t), t
+                assert s.concept == "pii" and EMAIL_RE.fullmatch(t), t
             else:
-                assert s.kind == "phone" and s.concept == "pii" and C.PHONE_RE.fullmatch(t), t
-        for c in C.CONCEPTS:
+                assert s.kind == "phone" and s.concept == "pii" and PHONE_RE.fullmatch(t), t
+        for c in CONCEPTS:
             truth = sorted((s.start, s.end) for s in d.spans if s.concept == c)
-            assert C.find_mentions(d.text, c, strict=True) == truth, (c, d.text)
+            assert find_mentions(d.text, c, strict=True) == truth, (c, d.text)
             # the lenient detector (used for emission rates) adds nothing on corpus text
-            assert all(any(a <= x < b for a, b in truth) for x, _ in C.find_mentions(d.text, c))
+            assert all(any(a <= x < b for a, b in truth) for x, _ in find_mentions(d.text, c))
     assert n > 800
 
 
 def test_near_misses_are_negative():
     docs = C.concept_free(800, 13)
     text = "\n".join(d.text for d in docs)
-    assert C.OWN_PRODUCT in text and "email" in text and "#" in text and "call" in text
+    assert OWN_PRODUCT in text and "email" in text and "#" in text and "call" in text
     assert "you could try the" in text or "you could try" in text
     assert not any(d.spans for d in docs)
-    for c in C.CONCEPTS:
-        assert C.find_mentions(text, c) == []
+    for c in CONCEPTS:
+        assert find_mentions(text, c) == []
 
 
 def test_token_labels_cover_spans_exactly(assets):
@@ -125,8 +127,8 @@ def test_token_labels_cover_spans_exactly(assets):
     docs = [d for d in C.generate(300, 14) if d.spans]
     for d in docs:
         e = tok.encode(d.text)
-        for c in C.CONCEPTS:
-            lab = C.token_labels(d, e.offsets, c)
+        for c in CONCEPTS:
+            lab = token_labels(d, e.offsets, c)
             assert lab[0] is False  # BOS
             covered = set()
             for is_pos, (a, b) in zip(lab, e.offsets):
@@ -142,20 +144,20 @@ def test_token_labels_cover_spans_exactly(assets):
 
 
 def test_eliciting_prompts_end_right_before_a_mention():
-    for c in C.CONCEPTS:
+    for c in CONCEPTS:
         prompts = C.eliciting_prompts(c, 60, 15)
         assert len(prompts) == 60 and all(p.concept == c for p in prompts)
         for p in prompts:
-            for cc in C.CONCEPTS:
-                assert C.find_mentions(p.text, cc) == [], p.text
+            for cc in CONCEPTS:
+                assert find_mentions(p.text, cc) == [], p.text
             full = p.text + " " + p.reference
-            assert C.find_mentions(full, c, strict=True)[-1][1] == len(full)
+            assert find_mentions(full, c, strict=True)[-1][1] == len(full)
     neutral = C.eliciting_prompts(None, 40, 15)
-    assert {p.text.rsplit("agent: ", 1)[1] for p in neutral} <= set(C.SUGGEST_LEADS)
+    assert {p.text.rsplit("agent: ", 1)[1] for p in neutral} <= set(SUGGEST_LEADS)
     for p in neutral:
         assert p.concept is None and p.reference
-        for cc in C.CONCEPTS:
-            assert C.find_mentions(p.text + " " + p.reference, cc) == []
+        for cc in CONCEPTS:
+            assert find_mentions(p.text + " " + p.reference, cc) == []
 
 
 # ------------------------------------------------------------------------------------------
@@ -174,7 +176,7 @@ def test_assets_are_small_and_complete(manifest):
     assert {f"{sae}/cfg.json", f"{sae}/sae_weights.safetensors", manifest["probes"]["path"],
             "manifest.json"} <= names
     assert manifest["layer"] == 2
-    assert set(manifest["concepts"]) == set(C.CONCEPTS)
+    assert set(manifest["concepts"]) == set(CONCEPTS)
 
 
 def test_model_and_tokenizer_load_with_transformers(manifest):
@@ -242,7 +244,7 @@ def test_probe_bank_layout(manifest):
         meta = f.metadata()
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     names = json.loads(meta["names"])
-    assert names == list(C.CONCEPTS) == manifest["probes"]["names"]
+    assert names == list(CONCEPTS) == manifest["probes"]["names"]
     assert int(meta["layer"]) == manifest["layer"]
     d = manifest["model"]["hidden_size"]
     P = len(names)
@@ -264,7 +266,7 @@ def fresh(assets, manifest):
     return docs, x, y, doc_idx, xb, db
 
 
-@pytest.mark.parametrize("concept", C.CONCEPTS)
+@pytest.mark.parametrize("concept", CONCEPTS)
 def test_best_feature_detects_its_concept(concept, assets, manifest, fresh):
     """The feature the build picked (on its own validation text) for each concept separates
     fresh concept tokens and documents from the rest, near misses (the operator's own brand,
@@ -279,7 +281,7 @@ def test_best_feature_detects_its_concept(concept, assets, manifest, fresh):
     assert auroc(doc_max(best, doc_idx, len(docs)), labels) > MIN_AUROC
 
 
-@pytest.mark.parametrize("concept", C.CONCEPTS)
+@pytest.mark.parametrize("concept", CONCEPTS)
 def test_best_feature_is_the_planted_direction(concept, assets, manifest):
     """The unsupervised SAE found the planted concept as one feature: its decoder row points
     along the direction the model was trained to write the concept in."""
@@ -296,7 +298,7 @@ def test_best_feature_is_the_planted_direction(concept, assets, manifest):
     assert int(cos.argmax()) == best and float(cos[best]) > 0.5, (best, cos.topk(3))
 
 
-@pytest.mark.parametrize("concept", C.CONCEPTS)
+@pytest.mark.parametrize("concept", CONCEPTS)
 def test_probes_detect_their_concept_at_their_threshold(concept, assets, fresh):
     _, _, _, probes, _ = assets
     docs, x, y, doc_idx, xb, db = fresh
@@ -317,7 +319,7 @@ def test_steering_features_suppress_and_keep_perplexity(assets, manifest):
     layer = manifest["layer"]
     ppl_docs = [e[0] for e in encode_docs(tok, C.concept_free(60, FRESH_SEED + 2))]
     ppl0 = perplexity(model, ppl_docs)
-    for concept in C.CONCEPTS:
+    for concept in CONCEPTS:
         prompts = [p.text for p in C.eliciting_prompts(concept, 48, FRESH_SEED)]
         base = emission_rate(sample(model, tok, prompts, 12, 1), concept)
         hook = ClampHook(model, layer, sae, manifest["concepts"][concept]["steer_features"])
