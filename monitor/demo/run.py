@@ -26,6 +26,7 @@ from pathlib import Path
 import grpc
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -71,6 +72,7 @@ class Sent:
     steered: bool = False
     xargs: dict = field(default_factory=dict)  # more request metadata (vllm_xargs): what policy selectors match
     completion_tokens: int = 0  # as vLLM counted them (usage)
+    contexts: dict = field(default_factory=dict)  # rule -> its alert's text around the firing token (with a tokenizer)
 
 
 def demo_rules(manifest: dict, steer: str) -> str:
@@ -128,6 +130,18 @@ class Demo:
     def rules_yaml(self, steer: str) -> str:
         return demo_rules(self.manifest, steer)
 
+    def tokenizer_path(self) -> Path | None:
+        """The served model folder when it has a tokenizer.json the sidecar can read (`tokenizer:`:
+        alerts then carry the text around the firing token); None otherwise (ids only)."""
+        folder = Path(self.model_path())
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        try:
+            import tokenizers  # noqa: F401 - the sidecar's `tokenizer` extra (vLLM brings it)
+        except ImportError:
+            return None
+        return folder
+
     def prompts(self) -> list[tuple[str | None, str]]:
         """(expected concept or None, prompt text) of one phase's traffic."""
         o = self.o
@@ -149,6 +163,9 @@ class Demo:
                         {"name": "demo_probes", "kind": "probes", "layer": m["layer"], "path": str(self.assets / m["probes"]["path"])}],
             "store": {"kind": "memory"}, "encode_threads": 1,
         }
+        tokenizer = self.tokenizer_path()
+        if tokenizer is not None:
+            config["tokenizer"] = str(tokenizer)
         if self.o.record:  # for the authoring loop (docs/authoring.md)
             # every request: a queue deep enough that a busy CPU delays the recorder rather than drops (tiny batches)
             config["record"] = {"dir": str(self.work / "recording"), "sample": 1.0, "flush_interval_s": 2.0,
@@ -280,12 +297,8 @@ class Demo:
             events = self.events()
             for e in events:
                 s = by_id.get(_api_suffix(e.get("api_request_id", "")))
-                if s is None:
-                    continue
-                if e["kind"] == "alert":
-                    s.alerts.add(e["rule"])
-                elif e["kind"] == "steering":
-                    s.steered = True
+                if s is not None:
+                    note_event(s, e)
             if time.monotonic() > deadline or any(s.alerts for s in sent):
                 return
             time.sleep(0.5)
@@ -332,6 +345,23 @@ class Demo:
         console.print(table)
         return rates
 
+    def show_alert_context(self, sent: list[Sent], per_rule: int = 1) -> list[dict]:
+        """A few alerts with the text around their firing token (⟦marked⟧): per rule, the first
+        ``per_rule`` requests (in send order) whose alert carries it, other rules' requests last."""
+        shown, used = [], set()
+        for rule in sorted({r for s in sent for r in s.contexts}):
+            having = [s for s in sent if rule in s.contexts]
+            for s in sorted(having, key=lambda s: s.api_id in used)[:per_rule]:  # stable: send order kept
+                shown.append({"rule": rule, "api_id": s.api_id, "context": s.contexts[rule]})
+                used.add(s.api_id)
+        if not shown:
+            console.print("[dim]alert context: none (the sidecar has no tokenizer: alerts carry token ids only)[/dim]")
+            return shown
+        console.print("[bold]Alert context[/bold] (the generated text up to the token the rule fired on, ⟦marked⟧):")
+        for a in shown:
+            console.print(f"  {a['rule']:<20} {a['api_id']:<12} {escape(a['context'])}")
+        return shown
+
     def show_examples(self, before: list[Sent], after: list[Sent]) -> None:
         pairs = [(b, a) for b, a in zip(before, after) if b.concept and corpus.find_mentions(b.text, b.concept)][:3]
         for b, a in pairs:
@@ -349,6 +379,7 @@ class Demo:
         monitored = self.traffic("monitor")
         self.attach_events(monitored)
         alert_scores = self.report_alerts(monitored)
+        contexts = self.show_alert_context(monitored)
         console.rule("2. steer from the token a rule fires on (per request)")
         self.apply_rules("rule")
         on_fire = self.traffic("on-fire")
@@ -365,7 +396,18 @@ class Demo:
         metrics = f"http://127.0.0.1:{self.metrics_port}/metrics"
         console.print(f"\nPrometheus metrics: [bold]{metrics}[/bold]   vLLM: http://127.0.0.1:{self.http_port}/metrics   "
                       f"logs: {self.work}")
-        return {"alerts": alert_scores, "emission": {f"{c}/{p}": r for (c, p), r in rates.items()}}
+        return {"alerts": alert_scores, "emission": {f"{c}/{p}": r for (c, p), r in rates.items()},
+                "alert_context": contexts}
+
+
+def note_event(s: Sent, event: dict) -> None:
+    """Attach one alert/steering event of the sidecar to the request it belongs to."""
+    if event["kind"] == "alert":
+        s.alerts.add(event["rule"])
+        if event.get("context"):
+            s.contexts.setdefault(event["rule"], event["context"])
+    elif event["kind"] == "steering":
+        s.steered = True
 
 
 def write_labels(path: Path, sent: list[Sent]) -> None:

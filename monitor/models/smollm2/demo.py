@@ -20,7 +20,7 @@ from pathlib import Path
 import yaml
 from rich.table import Table
 
-from monitor.demo.run import Demo, Options, Sent, _api_suffix, console
+from monitor.demo.run import Demo, Options, Sent, _api_suffix, console, note_event
 from monitor.models.smollm2 import labelers as L
 from monitor.models.smollm2 import prompts as P
 
@@ -127,12 +127,8 @@ class SmolLM2Demo(Demo):
         by_id = {s.api_id: s for s in sent}
         for e in self.events():
             s = by_id.get(_api_suffix(e.get("api_request_id", "")))
-            if s is None:
-                continue
-            if e["kind"] == "alert":
-                s.alerts.add(e["rule"])
-            elif e["kind"] == "steering":
-                s.steered = True
+            if s is not None:
+                note_event(s, e)
         return sent
 
     def metrics_text(self) -> str:
@@ -217,12 +213,13 @@ class SmolLM2Demo(Demo):
         console.rule("1. monitor: probe alerts on held-out prompts")
         monitored = self.send(self.requests("monitor"), "monitor")
         alerts = self.report_alerts(monitored)
+        contexts = self.show_alert_context(monitored)  # tokenizer: the fetched folder's (Demo.tokenizer_path)
         console.rule("2. suppress: each concept's prompts with its clamp policy, neutral ones unsteered beside them")
         steered = self.send(self.requests("suppress", suppress=True), "suppress")
         suppression = self.report_suppression(monitored, steered)
         console.print(f"\nPrometheus metrics: [bold]http://127.0.0.1:{self.metrics_port}/metrics[/bold]   "
                       f"vLLM: http://127.0.0.1:{self.http_port}/metrics   logs: {self.work}")
-        return {"alerts": alerts, "suppression": suppression,
+        return {"alerts": alerts, "suppression": suppression, "alert_context": contexts,
                 "requests": [{"api_id": s.api_id, "concept": s.concept, "alerts": sorted(s.alerts), "steered": s.steered,
                               "labels": [c for c in P.CONCEPTS if L.REQUEST[c](s.text)], "text": s.text}
                              for s in monitored + steered]}
