@@ -9,7 +9,10 @@ already differ by a few percent:
 * ``off``        — the plugin is not loaded (``VLLM_PLUGINS`` allowlists every other plugin);
 * ``idle``       — the plugin is loaded, ``FEATUREWATCH_ADDRESS`` unset: no hooks;
 * ``monitoring`` — hooks on 4 layers, every token of those 4 layers streamed to a sink gRPC
-  server (in this process) that drains everything it receives.
+  server (in this process) that drains everything it receives; the sink offers a shared-memory
+  ring as the sidecar does, so the activations go through it (the plugin's default path);
+* ``monitoring_bytes`` — the same with ``FEATUREWATCH_SHM=0``: the activations as bytes on the
+  gRPC stream. ``--transport shm|bytes|both`` picks the monitoring configurations (default both).
 
 Prints per-round tokens/s (wall clock, and per CPU-second of the engine process, which a shared
 machine disturbs less), medians and the ratios to ``off`` (the goal on CPU is >= 97 %).
@@ -40,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CONFIGS = ("off", "idle", "monitoring")
+CONFIGS = ("off", "idle", "monitoring", "monitoring_bytes")
 
 
 # ---------------------------------------------------------------- the engine side (subprocess)
@@ -73,12 +76,13 @@ def engine_main(args) -> None:
         n_out = sum(len(o.outputs[0].token_ids) for o in outs)
         n_all = n_out + args.prompt * args.requests
         status = {}
-        if args.config == "monitoring":
+        if args.config.startswith("monitoring"):
             st = llm.collective_rpc("featurewatch_status")[0]
             status = {k: st["counters"][k] for k in (
                 "batches_sent", "batches_dropped_queue_full", "batches_dropped_disconnected",
-                "tokens_tapped", "host_seconds")}
+                "tokens_tapped", "host_seconds", "batches_sent_shm", "shm_ring_full")}
             status["connected"] = st["connected"]
+            status["transport"] = st.get("transport")
         print("RESULT " + json.dumps({"seconds": dt, "cpu_seconds": dc, "output_tokens": n_out,
                                       "tokens_per_s": n_all / dt,
                                       "tokens_per_cpu_s": n_all / dc,
@@ -89,13 +93,18 @@ def engine_main(args) -> None:
 
 
 class Sink:
-    def __init__(self, address: str, layers: list[int]) -> None:
+    """Drains every stream. A plugin that says ``shm_capable`` gets a ring (created as the sidecar
+    creates it, in ``ring_dir``) in its plan; a batch that names a slot is taken and let go at once."""
+
+    def __init__(self, address: str, layers: list[int], ring_dir: str) -> None:
         import grpc
 
         from monitor.protocol import pb, pb_grpc
+        from monitor.protocol.shm_ring import RingReader
 
         self.received_bytes = 0
         self.batches = 0
+        self.shm_batches = 0
         sink = self
 
         class Servicer(pb_grpc.IngestServicer):
@@ -103,19 +112,35 @@ class Sink:
                 import queue
 
                 out: queue.Queue = queue.Queue()
+                ring: list = []
 
                 def read():
                     try:
                         for m in request_iterator:
                             if m.WhichOneof("kind") == "hello":
-                                out.put(pb.SidecarMessage(plan=pb.TapPlan(
-                                    layers=layers, steering_enabled=True,
-                                    steering_failure_mode="open")))
+                                plan = pb.TapPlan(layers=layers, steering_enabled=True, steering_failure_mode="open")
+                                h = m.hello
+                                if h.shm_capable:
+                                    step = max(1, h.max_tokens_per_step) * len(layers) * h.d_model * 4
+                                    ring.append(RingReader.create(ring_dir, 16, min(step, 16 << 20)))
+                                    g = ring[0].geometry
+                                    plan.shm_ring.CopyFrom(pb.ShmRing(path=g.path, slots=g.n_slots,
+                                                                      slot_bytes=g.slot_bytes, nonce=g.nonce))
+                                out.put(pb.SidecarMessage(plan=plan))
                             elif m.WhichOneof("kind") == "batch":
                                 sink.batches += 1
-                                sink.received_bytes += len(m.batch.activations.data)
+                                b = m.batch
+                                if b.HasField("shm_slot"):
+                                    ref = b.shm_slot
+                                    ring[0].take(ref.slot, ref.sequence, b.step, ref.nbytes)  # freed at once
+                                    sink.shm_batches += 1
+                                    sink.received_bytes += ref.nbytes
+                                else:
+                                    sink.received_bytes += len(b.activations.data)
                     except grpc.RpcError:
                         pass
+                    for r in ring:
+                        r.close()
                     out.put(None)
 
                 threading.Thread(target=read, daemon=True).start()
@@ -125,7 +150,7 @@ class Sink:
                         return
                     yield m
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8), options=[
             ("grpc.max_receive_message_length", 512 << 20)])
         pb_grpc.add_IngestServicer_to_server(Servicer(), self.server)
         self.server.add_insecure_port(address)
@@ -187,6 +212,8 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each engine")
     ap.add_argument("--replicas", type=int, default=3, help="engine processes per configuration")
+    ap.add_argument("--transport", choices=("shm", "bytes", "both"), default="both",
+                    help="monitoring through the shared-memory ring, bytes on the stream, or both side by side")
     args = ap.parse_args()
     if args.engine:
         args.config = args.engine
@@ -202,7 +229,10 @@ def main() -> None:
             max_position_embeddings=1024))
     layers = [int(x) for x in args.tap_layers.split(",")]
     sock = f"unix://{tmp}/sink.sock"
-    sink = Sink(sock, layers)
+    ring_dir = tempfile.mkdtemp(prefix="fw_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    sink = Sink(sock, layers, ring_dir)
+    configs = CONFIGS[:2] + {"shm": ("monitoring",), "bytes": ("monitoring_bytes",),
+                             "both": ("monitoring", "monitoring_bytes")}[args.transport]
     base = dict(os.environ)
     for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME"):
         base[var] = os.path.join(tmp, var.lower())
@@ -227,6 +257,7 @@ def main() -> None:
         "monitoring": {**base, "FEATUREWATCH_ADDRESS": sock,
                        "FEATUREWATCH_LAYERS": args.tap_layers, "FEATUREWATCH_RUNTIME_DIR": tmp},
     }
+    envs["monitoring_bytes"] = {**envs["monitoring"], "FEATUREWATCH_SHM": "0"}
     print(f"model {args.model} (hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
           f"{'compile' if args.compile else 'eager'}); workload {args.requests} requests x "
           f"({args.prompt} prompt + {args.gen} generated) tokens; monitoring layers {layers}",
@@ -236,41 +267,43 @@ def main() -> None:
         for rep in range(args.replicas):
             # start one at a time (start-up is CPU-bound), rotating the order per replica: two
             # identical engine processes already differ by a few percent (allocation layout)
-            for c in CONFIGS[rep % 3:] + CONFIGS[: rep % 3]:
+            k = rep % len(configs)
+            for c in configs[k:] + configs[:k]:
                 engines[c, rep] = EngineProc(c, rep, args, envs[c], tmp)
                 engines[c, rep].wait_ready()
         for e in engines.values():  # warm-up round, not counted
             e.run(10_000)
         # per round and config: the mean over replicas (processes differ by a few % on their own)
-        results: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+        results: dict[str, list[dict]] = {c: [] for c in configs}
         keys = list(engines)
         for r in range(args.rounds):
             shift = r % len(keys)
-            got: dict[str, list[dict]] = {c: [] for c in CONFIGS}
+            got: dict[str, list[dict]] = {c: [] for c in configs}
             for key in keys[shift:] + keys[:shift]:
                 got[key[0]].append(engines[key].run(r))
-            for c in CONFIGS:
+            for c in configs:
                 mean = {k: statistics.fmean(x[k] for x in got[c])
                         for k in ("tokens_per_s", "tokens_per_cpu_s")}
                 results[c].append({**mean, "status": got[c][-1]["status"]})
             print(f"round {r:2d}: " + "  ".join(
                 f"{c} {results[c][-1]['tokens_per_s']:7.1f} tok/s "
-                f"({results[c][-1]['tokens_per_cpu_s']:7.1f}/cpu-s)" for c in CONFIGS), flush=True)
+                f"({results[c][-1]['tokens_per_cpu_s']:7.1f}/cpu-s)" for c in configs), flush=True)
     finally:
         for e in engines.values():
             e.close()
     for key, unit in (("tokens_per_s", "tokens/s (wall)"),
                       ("tokens_per_cpu_s", "tokens per CPU-second of the engine process")):
-        med = {c: statistics.median(x[key] for x in results[c]) for c in CONFIGS}
+        med = {c: statistics.median(x[key] for x in results[c]) for c in configs}
         paired = {c: statistics.median(a[key] / b[key]
                                        for a, b in zip(results[c], results["off"], strict=True))
-                  for c in CONFIGS}
-        print(f"\nmedian {unit}: " + "  ".join(f"{c} {med[c]:.1f}" for c in CONFIGS))
-        for c in ("idle", "monitoring"):
+                  for c in configs}
+        print(f"\nmedian {unit}: " + "  ".join(f"{c} {med[c]:.1f}" for c in configs))
+        for c in configs[1:]:
             print(f"{c:>10} / off: {100 * med[c] / med['off']:6.1f} % of medians, "
                   f"{100 * paired[c]:6.1f} % median of per-round ratios")
-    last = results["monitoring"][-1]["status"]
-    print(f"monitoring: {last}; sink received {sink.batches} batches, "
+    for c in configs[2:]:
+        print(f"{c}: {results[c][-1]['status']}")
+    print(f"sink received {sink.batches} batches ({sink.shm_batches} through the ring), "
           f"{sink.received_bytes / 2**20:.1f} MiB")
     sink.server.stop(None)
 
