@@ -506,7 +506,7 @@ def main() -> None:
         report_rounds(rounds, paths, inproc, capacity, args, x)
         if recording is not None:
             report_recording(rounds, args)
-    print("\nthe plugin's sender work per step alone (one thread, no gRPC or sidecar), CPU-s/GB: "
+    print("\nthe plugin's sender work per step alone (this process, no gRPC or sidecar), CPU-s/GB: "
           + ", ".join(f"{name} {v:.3f}" for name, v in senders.items()))
     for name, r in (("unix socket, bytes", lat), ("unix socket, shm ring", lat_shm)):
         print(f"\nlatency at {r['offered_tokens_per_s']:.0f} tokens/s offered ({name}): "
