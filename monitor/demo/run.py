@@ -358,8 +358,9 @@ class Demo:
             console.print("[dim]alert context: none (the sidecar has no tokenizer: alerts carry token ids only)[/dim]")
             return shown
         console.print("[bold]Alert context[/bold] (the generated text up to the token the rule fired on, ⟦marked⟧):")
+        width = [max(len(a[k]) for a in shown) for k in ("rule", "api_id")]
         for a in shown:
-            console.print(f"  {a['rule']:<20} {a['api_id']:<12} {escape(a['context'])}")
+            console.print(f"  {a['rule']:<{width[0]}}  {a['api_id']:<{width[1]}}  {escape(a['context'])}")
         return shown
 
     def show_examples(self, before: list[Sent], after: list[Sent]) -> None:
