@@ -41,9 +41,10 @@ from concurrent import futures
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# --baseline: that engine imports the plugin from another checkout (an older commit's worktree)
+sys.path.insert(0, os.environ.get("FEATUREWATCH_BENCH_ROOT") or str(ROOT))
 
-CONFIGS = ("off", "idle", "monitoring", "monitoring_bytes")
+CONFIGS = ("off", "idle", "monitoring", "monitoring_bytes", "monitoring_baseline")
 
 
 # ---------------------------------------------------------------- the engine side (subprocess)
@@ -62,6 +63,7 @@ def engine_main(args) -> None:
     llm = LLM(args.model, **kwargs)
     sp = SamplingParams(max_tokens=args.gen, temperature=0.0, ignore_eos=True)
     print("READY", flush=True)
+    last: dict = {}
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
@@ -80,7 +82,13 @@ def engine_main(args) -> None:
             st = llm.collective_rpc("featurewatch_status")[0]
             status = {k: st["counters"][k] for k in (
                 "batches_sent", "batches_dropped_queue_full", "batches_dropped_disconnected",
-                "tokens_tapped", "host_seconds", "batches_sent_shm", "shm_ring_full")}
+                "tokens_tapped", "host_seconds", "batches_sent_shm", "shm_ring_full", "steps")}
+            # this round's forward-thread plugin time per step (the total includes start-up's
+            # warm-up and self-test steps)
+            d_host = status["host_seconds"] - last.get("host_seconds", 0.0)
+            d_steps = status["steps"] - last.get("steps", 0)
+            status["round_host_us_per_step"] = round(1e6 * d_host / max(1, d_steps), 1)
+            last.update(host_seconds=status["host_seconds"], steps=status["steps"])
             status["connected"] = st["connected"]
             status["transport"] = st.get("transport")
         print("RESULT " + json.dumps({"seconds": dt, "cpu_seconds": dc, "output_tokens": n_out,
@@ -214,6 +222,9 @@ def main() -> None:
     ap.add_argument("--replicas", type=int, default=3, help="engine processes per configuration")
     ap.add_argument("--transport", choices=("shm", "bytes", "both"), default="both",
                     help="monitoring through the shared-memory ring, bytes on the stream, or both side by side")
+    ap.add_argument("--baseline", metavar="CHECKOUT", default=None,
+                    help="also run monitoring_baseline: the ring path with the plugin imported from "
+                         "CHECKOUT (e.g. `git worktree add /tmp/old HEAD~1`), side by side with this one")
     args = ap.parse_args()
     if args.engine:
         args.config = args.engine
@@ -233,6 +244,8 @@ def main() -> None:
     sink = Sink(sock, layers, ring_dir)
     configs = CONFIGS[:2] + {"shm": ("monitoring",), "bytes": ("monitoring_bytes",),
                              "both": ("monitoring", "monitoring_bytes")}[args.transport]
+    if args.baseline:
+        configs += ("monitoring_baseline",)
     base = dict(os.environ)
     for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME"):
         base[var] = os.path.join(tmp, var.lower())
@@ -258,6 +271,9 @@ def main() -> None:
                        "FEATUREWATCH_LAYERS": args.tap_layers, "FEATUREWATCH_RUNTIME_DIR": tmp},
     }
     envs["monitoring_bytes"] = {**envs["monitoring"], "FEATUREWATCH_SHM": "0"}
+    if args.baseline:
+        envs["monitoring_baseline"] = {**envs["monitoring"],
+                                       "FEATUREWATCH_BENCH_ROOT": str(Path(args.baseline).resolve())}
     print(f"model {args.model} (hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
           f"{'compile' if args.compile else 'eager'}); workload {args.requests} requests x "
           f"({args.prompt} prompt + {args.gen} generated) tokens; monitoring layers {layers}",

@@ -151,7 +151,13 @@ def token_ids_of(ids: torch.Tensor | None) -> np.ndarray | None:
     if ids is None:
         return None
     a = ids.numpy()
-    if a.size and (int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF):
+    if not a.size:
+        return a
+    if a.dtype.kind == "u" and a.itemsize <= 4:
+        return a
+    if a.dtype.kind == "i" and a.itemsize <= 4:  # vLLM's int32 ids: only the sign can be wrong
+        return None if int(a.min()) < 0 else a
+    if int(a.min()) < 0 or int(a.max()) > 0xFFFFFFFF:
         return None
     return a
 

@@ -27,7 +27,8 @@ def harvest(rt, labels) -> None:
         return
     tok_req = labels.tok_req[:n]
     positions = labels.positions[:n]
-    prompt_len = np.array([rt.requests[r].prompt_len if r in rt.requests else 0
+    reqs = rt.requests
+    prompt_len = np.array([info.prompt_len if (info := reqs.get(r)) is not None else 0
                            for r in labels.req_ids], dtype=np.int64)
     is_gen = positions >= prompt_len[tok_req]
     if rt.scope == pb.TOKEN_SCOPE_PROMPT:

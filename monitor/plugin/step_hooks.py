@@ -67,16 +67,22 @@ class StepLabels:
     @property
     def tok_req(self) -> np.ndarray:
         if self._tok_req is None:
-            counts = np.diff(self.qsl[: len(self.req_ids) + 1]).astype(np.int64)
-            self._tok_req = np.repeat(np.arange(len(self.req_ids)), counts)[: self.num_tokens]
+            # a plain subtraction, not np.diff: each numpy call costs a few us on the forward
+            # thread, whose caches the forward has just flushed
+            k = len(self.req_ids)
+            qsl = self.qsl.astype(np.int64, copy=False)
+            self._tok_req = np.repeat(np.arange(k), qsl[1: k + 1] - qsl[:k])[: self.num_tokens]
         return self._tok_req
 
     @property
     def positions(self) -> np.ndarray:
         if self._positions is None:
+            # token t of request i sits at start_pos[i] + (t - qsl[i])
             tr = self.tok_req
-            local = np.arange(len(tr), dtype=np.int64) - self.qsl[tr].astype(np.int64)
-            self._positions = self.start_pos[tr].astype(np.int64) + local
+            k = len(self.req_ids)
+            first = (self.start_pos[:k].astype(np.int64, copy=False)
+                     - self.qsl[:k].astype(np.int64, copy=False))
+            self._positions = first[tr] + np.arange(len(tr), dtype=np.int64)
         return self._positions
 
 

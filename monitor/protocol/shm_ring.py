@@ -205,6 +205,7 @@ class RingWriter:
 
     def __init__(self, geometry: Geometry, segment: _Segment) -> None:
         self.geometry, self._seg = geometry, segment
+        self._name = Path(geometry.path).name  # every descriptor names it: parse the path once
         self._next = 0
         self._seq = 0
         self.detached = False
@@ -239,7 +240,7 @@ class RingWriter:
 
     @property
     def name(self) -> str:
-        return Path(self.geometry.path).name
+        return self._name
 
     @property
     def slot_bytes(self) -> int:
