@@ -113,6 +113,7 @@ class Demo:
         self.work.mkdir(parents=True, exist_ok=True)
         self.token = secrets.token_hex(16)
         self.procs: list[subprocess.Popen] = []
+        self.generated_expected = 0  # generated tokens the sidecar must have evaluated (all phases so far)
         self.socket = self.work / "featurewatch.sock"
         self.grpc_port = free_port()
         self.metrics_port = free_port(options.metrics_port)
@@ -150,8 +151,10 @@ class Demo:
 
     @property
     def deep_queues(self) -> bool:
-        """Every queue on the way deep enough that a busy CPU delays batches rather than drops them."""
-        return self.o.record
+        """Every queue on the way deep enough that a busy CPU delays batches rather than drops them:
+        the demo scores every request against its ground truth, and on a busy 2-core machine the
+        default bounds (which protect a production host's memory) drop steps and so alerts."""
+        return True
 
     # ------------------------------------------------------------------ processes
     def start_sidecar(self, steer: str = "none") -> None:
@@ -175,6 +178,10 @@ class Demo:
             # under load is not recorded at all), and a request whose RequestFinish the plugin dropped (its
             # queue is bounded: fail open) is written once idle 15 s, not after the default 10 minutes
             config["limits"] = {"queue_batches": 65536, "request_idle_timeout_s": 15.0}
+            # and the shared-memory ring: a slot stays taken until the pipeline handled its step, so 16 slots
+            # fill while a busy sidecar catches up; 1024 slots of 64 KiB (decode steps; a larger prefill
+            # step goes as bytes through the deep queue)
+            config["shm"] = {"slots": 1024, "max_bytes": 64 << 20}
         (self.work / "featurewatch.yaml").write_text(yaml.safe_dump(config))
         (self.work / "rules.yaml").write_text(self.rules_yaml(steer))
         self._spawn("sidecar", [sys.executable, "-m", "monitor.cli", "serve", "--config", str(self.work / "featurewatch.yaml")])
@@ -267,11 +274,16 @@ class Demo:
         return [json.loads(e.json) for e in stub.TailAlerts(pb.TailAlertsRequest(last=100_000), metadata=md, timeout=30)]
 
     # ------------------------------------------------------------------ traffic
+    def sent(self, phase: str) -> list[Sent]:
+        """One phase's requests, from ``prompts()``."""
+        return [Sent(f"{phase}-{i}", c, p) for i, (c, p) in enumerate(self.prompts())]
+
     def traffic(self, phase: str, sent: list[Sent] | None = None) -> list[Sent]:
-        """Send one phase's requests (default: ``prompts()``), ``concurrency`` at a time."""
+        """Send one phase's requests (default: ``sent(phase)``), ``concurrency`` at a time; returns
+        once vLLM answered them all (the sidecar may still be evaluating: see :meth:`send`)."""
         o = self.o
         if sent is None:
-            sent = [Sent(f"{phase}-{i}", c, p) for i, (c, p) in enumerate(self.prompts())]
+            sent = self.sent(phase)
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console) as progress:
             task = progress.add_task(f"{phase}: {len(sent)} requests", total=len(sent))
@@ -290,18 +302,42 @@ class Demo:
         s.text = reply["choices"][0]["text"]
         s.completion_tokens = int(reply.get("usage", {}).get("completion_tokens", 0))
 
-    def attach_events(self, sent: list[Sent]) -> None:
+    def send(self, sent: list[Sent], phase: str, timeout: float = 300.0) -> list[Sent]:
+        """Send, then wait until the sidecar has evaluated every generated token and written every
+        alert it counted; attach each request's alerts and steering events."""
+        self.traffic(phase, sent)
+        # the last generated token of a request is never read by the model, so never tapped
+        self.generated_expected += sum(max(0, s.completion_tokens - 1) for s in sent)
+        self.wait_caught_up(timeout)
         by_id = {s.api_id: s for s in sent}
-        deadline = time.monotonic() + 10
-        while True:
-            events = self.events()
-            for e in events:
-                s = by_id.get(_api_suffix(e.get("api_request_id", "")))
-                if s is not None:
-                    note_event(s, e)
-            if time.monotonic() > deadline or any(s.alerts for s in sent):
-                return
-            time.sleep(0.5)
+        for e in self.events():
+            s = by_id.get(_api_suffix(e.get("api_request_id", "")))
+            if s is not None:
+                note_event(s, e)
+        return sent
+
+    def metrics_text(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def wait_caught_up(self, timeout: float) -> None:
+        """Until the sidecar evaluated as many generated tokens as vLLM generated, then (a later scrape)
+        its encode queue is empty — the queue counts a batch until it is fully handled, alerts
+        included — then its event stream holds every alert it counted. ``timeout`` bounds only a
+        failure (a batch dropped on the way: monitoring fails open); the error names the drop counters."""
+        deadline = time.monotonic() + timeout
+        steps = [("generated tokens evaluated",
+                  lambda t: metric(t, "featurewatch_tokens_processed_total", scope="generated") >= self.generated_expected),
+                 ("encode queue empty", lambda t: metric(t, "featurewatch_queue_depth", stage="encode") == 0),
+                 ("every counted alert in the event stream",
+                  lambda t: sum(e.get("kind") == "alert" for e in self.events()) >= metric(t, "featurewatch_alerts_total"))]
+        for what, done in steps:
+            while not done(text := self.metrics_text()):
+                if time.monotonic() > deadline:
+                    drops = "\n".join(line for line in text.splitlines() if "dropped" in line and not line.startswith("#"))
+                    raise TimeoutError(f"the sidecar did not catch up in {timeout:.0f}s (waiting for: {what}; "
+                                       f"{self.generated_expected} generated tokens sent); drop counters:\n{drops}")
+                time.sleep(0.5)
 
     # ------------------------------------------------------------------ reports
     def report_alerts(self, sent: list[Sent]) -> dict:
@@ -377,18 +413,15 @@ class Demo:
         self.start_sidecar()
         self.start_vllm()
         console.rule("1. monitor: alerts only")
-        monitored = self.traffic("monitor")
-        self.attach_events(monitored)
+        monitored = self.send(self.sent("monitor"), "monitor")
         alert_scores = self.report_alerts(monitored)
         contexts = self.show_alert_context(monitored)
         console.rule("2. steer from the token a rule fires on (per request)")
         self.apply_rules("rule")
-        on_fire = self.traffic("on-fire")
-        self.attach_events(on_fire)
+        on_fire = self.send(self.sent("on-fire"), "on-fire")
         console.rule("3. suppress always (policy for every request)")
         self.apply_rules("policy")
-        always = self.traffic("always")
-        self.attach_events(always)
+        always = self.send(self.sent("always"), "always")
         rates = self.report_steering({"monitor only": monitored, "steer on fire": on_fire, "suppress always": always})
         if self.o.record:
             write_labels(self.work / "labels.jsonl", monitored + on_fire + always)
@@ -443,3 +476,13 @@ def run_demo(options: Options, demo_class: type[Demo] = Demo) -> dict:
         demo.stop()
         if options.workdir is None and not os.environ.get("FEATUREWATCH_DEMO_KEEP"):
             shutil.rmtree(demo.work / "cache", ignore_errors=True)
+
+
+def metric(text: str, name: str, **labels) -> float:
+    """Sum of one metric's samples (exact name) whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            if all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.split("#")[0].split()[-1])
+    return total

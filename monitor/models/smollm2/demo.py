@@ -13,14 +13,12 @@ the steered answers change, the unsteered ones must not.
 from __future__ import annotations
 
 import json
-import time
-import urllib.request
 from pathlib import Path
 
 import yaml
 from rich.table import Table
 
-from monitor.demo.run import Demo, Options, Sent, _api_suffix, console, note_event
+from monitor.demo.run import Demo, Options, Sent, console
 from monitor.models.smollm2 import labelers as L
 from monitor.models.smollm2 import prompts as P
 
@@ -85,7 +83,6 @@ class SmolLM2Demo(Demo):
                 model_folder = str(fetch("smollm2"))
         self.folder = model_folder
         self.tokenizer = AutoTokenizer.from_pretrained(model_folder)
-        self.generated_expected = 0  # generated tokens the sidecar must have evaluated (all phases so far)
 
     # ------------------------------------------------------------------ what is served
     def model_path(self) -> str:
@@ -97,10 +94,6 @@ class SmolLM2Demo(Demo):
     def start_sidecar(self, steer: str = "policy") -> None:
         """The policies are in force from the start: they steer only requests that ask for them."""
         super().start_sidecar(steer)
-
-    @property
-    def deep_queues(self) -> bool:  # every batch evaluated: the precision/recall count every request
-        return True
 
     def chat(self, user: str) -> str:
         return P.chat(self.tokenizer, user)
@@ -116,43 +109,6 @@ class SmolLM2Demo(Demo):
                 xargs = {"suppress": concept} if suppress and concept else {}
                 out.append(Sent(f"{phase}-{kind}-{i}", concept, self.chat(p.user), xargs=xargs))
         return out
-
-    def send(self, sent: list[Sent], phase: str, timeout: float = 300.0) -> list[Sent]:
-        """Send, then wait until the sidecar has evaluated every generated token and written every
-        alert it counted; attach each request's alerts and steering events."""
-        self.traffic(phase, sent)
-        # the last generated token of a request is never read by the model, so never tapped
-        self.generated_expected += sum(max(0, s.completion_tokens - 1) for s in sent)
-        self.wait_caught_up(timeout)
-        by_id = {s.api_id: s for s in sent}
-        for e in self.events():
-            s = by_id.get(_api_suffix(e.get("api_request_id", "")))
-            if s is not None:
-                note_event(s, e)
-        return sent
-
-    def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
-            return r.read().decode()
-
-    def wait_caught_up(self, timeout: float) -> None:
-        """Until the sidecar evaluated as many generated tokens as vLLM generated, then (a later scrape)
-        its encode queue is empty — the queue counts a batch until it is fully handled, alerts
-        included — then its event stream holds every alert it counted. ``timeout`` bounds only a
-        failure (a batch dropped on the way: monitoring fails open); the error names the drop counters."""
-        deadline = time.monotonic() + timeout
-        steps = [("generated tokens evaluated",
-                  lambda t: metric(t, "featurewatch_tokens_processed_total", scope="generated") >= self.generated_expected),
-                 ("encode queue empty", lambda t: metric(t, "featurewatch_queue_depth", stage="encode") == 0),
-                 ("every counted alert in the event stream",
-                  lambda t: sum(e.get("kind") == "alert" for e in self.events()) >= metric(t, "featurewatch_alerts_total"))]
-        for what, done in steps:
-            while not done(text := self.metrics_text()):
-                if time.monotonic() > deadline:
-                    drops = "\n".join(line for line in text.splitlines() if "dropped" in line and not line.startswith("#"))
-                    raise TimeoutError(f"the sidecar did not catch up in {timeout:.0f}s (waiting for: {what}; "
-                                       f"{self.generated_expected} generated tokens sent); drop counters:\n{drops}")
-                time.sleep(0.5)
 
     # ------------------------------------------------------------------ reports
     def report_alerts(self, sent: list[Sent]) -> dict:
@@ -232,16 +188,6 @@ class SmolLM2Demo(Demo):
             return bool(workers) and all(w.get("counters", {}).get("plans_received", 0) >= 1 for w in workers)
 
         self._wait(received, "the steering plan in the plugin", timeout)
-
-
-def metric(text: str, name: str, **labels) -> float:
-    """Sum of one metric's samples (exact name) whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            if all(f'{k}="{v}"' in line for k, v in labels.items()):
-                total += float(line.split("#")[0].split()[-1])
-    return total
 
 
 def _line(text: str, n: int = 110) -> str:
