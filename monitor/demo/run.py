@@ -207,18 +207,19 @@ class Demo:
         log = open(self.work / f"{name}.log", "ab")
         self.procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True))
 
-    def _wait(self, ready, what: str, timeout: float) -> None:
+    def _wait(self, ready, what: str, timeout: float, doing: str = "starting", done: str = "up") -> None:
+        """Poll ``ready`` until true; ``timeout`` bounds only a failure (a process that exited fails at once)."""
         deadline = time.monotonic() + timeout
-        with console.status(f"starting {what} …"):
+        with console.status(f"{doing} {what} …"):
             while time.monotonic() < deadline:
                 for proc in self.procs:
                     if proc.poll() is not None:
-                        raise RuntimeError(f"{what} exited ({proc.returncode}); see logs in {self.work}")
+                        raise RuntimeError(f"a demo process exited ({proc.returncode}) while {doing} {what}; see logs in {self.work}")
                 if ready():
-                    console.print(f"[green]✓[/green] {what} up")
+                    console.print(f"[green]✓[/green] {what} {done}")
                     return
                 time.sleep(0.5)
-        raise TimeoutError(f"{what} did not start in {timeout:.0f}s; see logs in {self.work}")
+        raise TimeoutError(f"{what}: not {done} in {timeout:.0f}s; see logs in {self.work}")
 
     def _healthy(self) -> bool:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -263,11 +264,22 @@ class Demo:
         return pb_grpc.AdminStub(grpc.insecure_channel(f"127.0.0.1:{self.grpc_port}")), [("authorization", f"Bearer {self.token}")]
 
     def apply_rules(self, steer: str) -> None:
+        """Put the phase's rules in force; once vLLM runs, return when the plugin holds the new plan
+        (every install sends one: its policies decide how the next requests are steered)."""
+        before = self.plans_received()
         stub, md = self._admin()
         reply = stub.PutRules(pb.PutRulesRequest(yaml=self.rules_yaml(steer), author=f"demo:{steer}"), metadata=md, timeout=30)
         if not reply.ok:
             raise RuntimeError("demo rules rejected: " + "; ".join(f"{e.rule}.{e.field}: {e.message}" for e in reply.errors))
-        time.sleep(1.0)  # the new plan (policies) reaches the plugin over its stream
+        if before is not None:
+            self._wait(lambda: (self.plans_received() or 0) > before, f"rules '{steer}': plan", 60, "sending", "in the plugin")
+
+    def plans_received(self) -> int | None:
+        """Plans the plugin's workers received so far (None before vLLM answers)."""
+        workers = self.plugin_status().get("workers") if self.procs else None
+        if not workers:
+            return None
+        return sum(int(w.get("counters", {}).get("plans_received", 0)) for w in workers)
 
     def events(self) -> list[dict]:
         stub, md = self._admin()

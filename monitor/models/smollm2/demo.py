@@ -187,7 +187,7 @@ class SmolLM2Demo(Demo):
             workers = self.plugin_status().get("workers") or []
             return bool(workers) and all(w.get("counters", {}).get("plans_received", 0) >= 1 for w in workers)
 
-        self._wait(received, "the steering plan in the plugin", timeout)
+        self._wait(received, "the steering plan", timeout, "sending", "in the plugin")
 
 
 def _line(text: str, n: int = 110) -> str:
