@@ -94,9 +94,14 @@ def test_probes_train_from_a_label_file_writes_a_bank_the_sidecar_loads(world):
     setup = rp.load_setup(rules, cfg_path)
     fired = rp.replay(setup.rules, world["reqs"])
     caught = {rid for rid, fs in fired.items() if fs}
-    expected = {r.request_id for r in world["reqs"] if bank.score(r.activations[1][r.generated])[:, 0].max() > probe["threshold"]}
+    # the sidecar's stacked product and the bank's own score may differ in the last float32 bits (the
+    # stage pads its columns, another kernel): requests within 1e-5 of the threshold may go either way
+    best = {r.request_id: float(bank.score(r.activations[1][r.generated])[:, 0].max()) for r in world["reqs"]}
+    must = {rid for rid, v in best.items() if v > probe["threshold"] + 1e-5}
+    may = {rid for rid, v in best.items() if v > probe["threshold"] - 1e-5}
     positives = {r.request_id for r in world["reqs"] if r.request_id.startswith("pos")}
-    assert caught == expected and len(caught & positives) >= 0.5 * len(positives) and len(caught - positives) <= 0.05 * 110 + 2
+    assert must <= caught <= may, (sorted(must - caught), sorted(caught - may))
+    assert len(must & positives) >= 0.5 * len(positives) and len(must - positives) <= 0.05 * 110 + 2
 
 
 def _text_requests(tokenizer_dir, n_pos=24, n_neg=40, seed=0):
