@@ -272,10 +272,22 @@ def test_tokens_steered_by_a_policy_and_a_shadow_policy_that_changes_nothing(ser
                    if line.startswith("featurewatch_plugin_tokens_steered_total{") and 'kind="policy"' in line
                    and re.search(f'[{{,]name="{policy}"', line))
 
+    def counted_by_plugin(policy: str) -> int:  # the forward's own count, final once a completion returned
+        return sum(w["steering"]["tokens_steered"]["policies"].get(policy, 0)
+                   for w in served.plugin_status()["workers"])
+
+    def settled(policy: str) -> float:
+        """The sidecar's count once the plugin's periodic stats caught up with its forward: an earlier
+        test's steered tokens may still be on their way (CI once saw 64 of them land mid-test)."""
+        wait_for(lambda: tokens(policy) == counted_by_plugin(policy),
+                 lambda: f"the sidecar's {policy} count ({tokens(policy)}) to reach the plugin's "
+                         f"({counted_by_plugin(policy)})")
+        return tokens(policy)
+
     prompt = "the happy cat was green and run to the tree . the old fish was"  # no other test's prompt
     for attempt in range(3):  # the engine core may decide on the previous plan's policy view once
         applied = served.metric("featurewatch_steering_actions_total", rule="acme", trigger="policy", mode="enforce")
-        before = tokens("acme")
+        before = settled("acme")
         out = served.complete(prompt, max_tokens=12, xargs={"tenant": "acme"}, request_id=f"acme-count-{attempt}")
         try:
             wait_for(lambda: served.metric("featurewatch_steering_actions_total", rule="acme", trigger="policy",
@@ -287,7 +299,7 @@ def test_tokens_steered_by_a_policy_and_a_shadow_policy_that_changes_nothing(ser
         raise AssertionError("policy acme never applied")
     computed = len(out["prompt_ids"]) + len(out["ids"]) - 1  # a new prompt, salted by the policy: nothing cached
     wait_for(lambda: tokens("acme") >= before + computed, lambda: f"{computed} tokens steered (have {tokens('acme') - before})")
-    assert tokens("acme") == before + computed
+    assert settled("acme") == before + computed
 
     plain = served.complete(prompt, max_tokens=12)
     shadow_before = served.metric("featurewatch_steering_actions_total", rule="wreck_shadow", mode="shadow")
