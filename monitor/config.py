@@ -83,6 +83,10 @@ class ShmConfig(_Strict):
     slots: int = Field(default=16, ge=2, le=4096)
     # per stream; a step larger than max_bytes / slots goes as bytes on the stream
     max_bytes: int = Field(default=256 * 1024 * 1024, ge=64 * 1024)
+    # a lane (Unix seqpacket socket beside the ring) for the descriptors, RequestStarts and
+    # RequestFinishes, sent by the plugin's forward thread itself (monitor/receive/lane.py);
+    # off: they stay on the gRPC stream
+    lane: bool = True
 
 
 class SidecarConfig(_Strict):

@@ -64,6 +64,13 @@ class Counters:
     shm_steps_as_bytes: int = 0  # steps larger than a slot, sent as bytes
     shm_attaches: int = 0
     shm_attach_failures: int = 0
+    shm_steps_split: int = 0  # steps larger than a slot, written into several slots
+    lane_connect_failures: int = 0
+    lane_sent: int = 0  # messages sent on the lane (batch descriptors, request starts and finishes)
+    lane_full: int = 0  # dropped: the lane's socket buffer was full (the sidecar is behind or hung)
+    lane_gone: int = 0  # dropped: the sidecar's end is closed
+    lane_too_large: int = 0  # dropped: larger than one packet
+    lane_bytes_dropped: int = 0  # batches without a slot while the lane is open (they cannot overtake it)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -93,7 +100,7 @@ class BatchItem:
     def messages(self, max_bytes: int) -> Iterator[bytes]:
         """Serialised ``PluginMessage{batch}``s, split by tokens under ``max_bytes``."""
         if self.shm is not None:
-            yield self._descriptor_message()
+            yield self.descriptor_message()
             return
         if self.event is not None:
             self.event.synchronize()
@@ -129,7 +136,7 @@ class BatchItem:
             yield encode_batch(meta, head, data)
 
 
-    def _descriptor_message(self) -> bytes:
+    def descriptor_message(self) -> bytes:
         """The batch's labels and a descriptor of its slot (the rows are already in the ring)."""
         n = self.host.shape[1]
         ids = token_ids_of(self.token_ids)
@@ -240,9 +247,12 @@ class SidecarClient:
         t0 = time.perf_counter()
         is_batch = isinstance(item, BatchItem)
         ok = False
+        lane = self.shm.lane
         if not self.connected:
             if is_batch:
                 self.counters.batches_dropped_disconnected += 1
+        elif lane is not None and (lane.opened or self._open_lane(lane)):
+            ok = self._send_lane(lane, item)
         elif is_batch and not self.has_room(item.nbytes):
             self.counters.batches_dropped_queue_full += 1
         else:
@@ -262,6 +272,48 @@ class SidecarClient:
         self.counters.enqueue_seconds_sum += time.perf_counter() - t0
         self.counters.enqueue_count += 1
         return ok
+
+    def _open_lane(self, lane) -> bool:
+        """Queue LaneOpen on the stream, after everything queued so far: from here on, this thread
+        sends on the lane. (Only the forward thread offers, so nothing is queued after it.)"""
+        try:
+            self._q.put_nowait(pb.PluginMessage(lane_open=pb.LaneOpen(lane=lane.path)))
+        except queue.Full:
+            return False
+        lane.opened = True
+        return True
+
+    def _send_lane(self, lane, item: pb.PluginMessage | BatchItem) -> bool:
+        """Send on the lane now; drop and count when it cannot take it."""
+        c = self.counters
+        if isinstance(item, BatchItem):
+            if item.shm is None or item.shm.writer is not self.shm.writer:
+                c.lane_bytes_dropped += 1  # bytes on the stream would overtake the lane; an old ring's slot is gone
+                c.batches_dropped_disconnected += 1
+                return False  # (offer frees the slot)
+            data = item.descriptor_message()
+        else:
+            data = item.SerializeToString()
+        why = lane.send(data)
+        if why is None:
+            c.lane_sent += 1
+            if isinstance(item, BatchItem):
+                c.batches_enqueued += 1
+                c.batches_sent += 1
+                c.batches_sent_shm += 1
+            return True
+        if why == "full":
+            c.lane_full += 1
+        elif why == "gone":
+            c.lane_gone += 1
+        else:
+            c.lane_too_large += 1
+        if isinstance(item, BatchItem):  # (offer frees the slot)
+            if why == "gone":
+                c.batches_dropped_disconnected += 1
+            else:
+                c.batches_dropped_queue_full += 1
+        return False
 
     @property
     def queue_depth(self) -> int:

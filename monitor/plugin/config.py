@@ -60,6 +60,9 @@ class PluginConfig:
     # activations through the sidecar's shared-memory ring when it offers one (Unix socket only;
     # monitor/plugin/shm_writer.py); off: always bytes on the stream
     shm: bool = True
+    # with the ring: the step descriptors, RequestStarts and RequestFinishes on the ring's lane,
+    # sent by the forward thread (monitor/plugin/lane.py); off: on the gRPC stream
+    shm_lane: bool = True
     # sent as ``authorization: Bearer`` on the Ingest stream (the sidecar requires it on TCP when
     # it has one); never shown in the status
     ingest_token: str | None = field(default=None, repr=False)
@@ -89,6 +92,7 @@ class PluginConfig:
             backoff_max_s=_env_float("FEATUREWATCH_BACKOFF_MAX_S", 10.0),
             runtime_dir=os.environ.get("FEATUREWATCH_RUNTIME_DIR") or tempfile.gettempdir(),
             shm=_env_bool("FEATUREWATCH_SHM", True),
+            shm_lane=_env_bool("FEATUREWATCH_SHM_LANE", True),
             ingest_token=os.environ.get("FEATUREWATCH_INGEST_TOKEN") or None,
         )
 

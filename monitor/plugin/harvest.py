@@ -2,7 +2,9 @@
 ids) to host memory and hand them to the sender (TP rank 0 only; dropped and counted when the sidecar is away or the queue is
 full). On a GPU the copy is asynchronous; the sender waits for its event, never the forward.
 With the sidecar's shared-memory ring attached (CPU tap buffer), the one copy goes straight into a
-ring slot and only a descriptor is queued (monitor/plugin/shm_writer.py); a full ring drops the step."""
+ring slot and only a descriptor is sent (monitor/plugin/shm_writer.py; on the ring's lane, by this
+thread, once it is open: monitor/plugin/lane.py); a step larger than a slot is written into as many
+slots as it needs; a full ring drops the step."""
 
 from __future__ import annotations
 
@@ -43,10 +45,11 @@ def harvest(rt, labels) -> None:
         if keep.all():
             keep = None
     n_sel = n if keep is None else int(keep.sum())
-    nbytes = len(rt.plan_slots) * n_sel * rt.d_model * rt.tables.tap.element_size()
+    per_token = len(rt.plan_slots) * rt.d_model * rt.tables.tap.element_size()
+    nbytes = n_sel * per_token
     shm = getattr(rt.client, "shm", None)
     ring = None if rt.tables.on_device or shm is None else shm.writer
-    if ring is not None and nbytes > ring.slot_bytes:
+    if ring is not None and per_token > ring.slot_bytes:  # not even one token fits a slot
         rt.counters.shm_steps_as_bytes += 1
         ring = None
     if not rt.client.has_room(0 if ring is not None else nbytes):
@@ -61,25 +64,19 @@ def harvest(rt, labels) -> None:
         sel_dev = torch.from_numpy(tok_idx).to(src.device)
         if ids is not None:
             ids = ids.index_select(0, sel_dev.to(ids.device))
-    event = None
-    slot = None
-    if ring is not None:  # gathered straight into the slot: the step's one copy
-        slot = write_step(ring, src, rt._plan_rows, n, tok_idx, rt.step)
-        if slot is None:  # every slot still in use: the sidecar is behind (or hung)
-            rt.counters.batches_dropped_queue_full += 1
-            rt.counters.shm_ring_full += 1
-            return
-        host = slot.rows
+    if ring is not None:
         if ids is not None:
             ids = ids.to("cpu", copy=True)
+        _into_ring(rt, ring, labels, n, tok_idx, ids, tok_req, positions, is_gen, ring.slot_bytes // per_token)
+        return
+    event = None
+    if isinstance(rt._plan_rows, slice):
+        view = src[rt._plan_rows, :n]
     else:
-        if isinstance(rt._plan_rows, slice):
-            view = src[rt._plan_rows, :n]
-        else:
-            view = src[:, :n].index_select(0, rt._plan_rows)
-        if sel_dev is not None:
-            view = view.index_select(1, sel_dev)
-    if ring is None and rt.tables.on_device:
+        view = src[:, :n].index_select(0, rt._plan_rows)
+    if sel_dev is not None:
+        view = view.index_select(1, sel_dev)
+    if rt.tables.on_device:
         host = torch.empty(view.shape, dtype=view.dtype, pin_memory=True)
         host.copy_(view, non_blocking=True)
         if ids is not None:  # rides on the same event as the activations
@@ -87,7 +84,7 @@ def harvest(rt, labels) -> None:
             ids = ids_host.copy_(ids, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
-    elif ring is None:  # index_select already made a copy: clone only a view of the tap buffer
+    else:  # index_select already made a copy: clone only a view of the tap buffer
         gathered = sel_dev is not None or not isinstance(rt._plan_rows, slice)
         host = view if gathered else view.clone()
         if ids is not None:  # vLLM refills its input buffer next step
@@ -97,6 +94,33 @@ def harvest(rt, labels) -> None:
         step=rt.step, layers=list(rt.plan_layers), host=host, event=event,
         request_ids=list(labels.req_ids), token_request_index=tok_req[sel],
         positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time(),
-        token_ids=ids, shm=slot)
+        token_ids=ids)
     if rt.client.offer(item):
         rt.counters.tokens_tapped += n_sel
+
+
+def _into_ring(rt, ring, labels, n: int, tok_idx, ids, tok_req, positions, is_gen, per_slot: int) -> None:
+    """The step's rows gathered straight into ring slots (the step's one copy), ``per_slot``
+    tokens a slot, each slot's descriptor offered as its own batch (the sidecar takes a step in
+    parts as it does on the bytes path). No free slot: the rest of the step is dropped."""
+    n_sel = n if tok_idx is None else len(tok_idx)
+    if n_sel > per_slot:
+        rt.counters.shm_steps_split += 1
+        if tok_idx is None:
+            tok_idx = np.arange(n)
+    for a in range(0, n_sel, per_slot):
+        b = min(n_sel, a + per_slot)
+        part = tok_idx if tok_idx is None or (a == 0 and b == n_sel) else tok_idx[a:b]
+        slot = write_step(ring, rt.tables.tap, rt._plan_rows, n, part, rt.step)
+        if slot is None:  # every slot still in use: the sidecar is behind (or hung)
+            rt.counters.batches_dropped_queue_full += 1
+            rt.counters.shm_ring_full += 1
+            return
+        sel = slice(None) if part is None else part
+        item = BatchItem(
+            step=rt.step, layers=list(rt.plan_layers), host=slot.rows, event=None,
+            request_ids=list(labels.req_ids), token_request_index=tok_req[sel],
+            positions=positions[sel], is_generated=is_gen[sel], captured_unix_s=time.time(),
+            token_ids=None if ids is None else ids[a:b], shm=slot)
+        if rt.client.offer(item):
+            rt.counters.tokens_tapped += b - a

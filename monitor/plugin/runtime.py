@@ -73,6 +73,8 @@ class Runtime(SidecarCallbacks, StepHooks, WorkerStatus):
         if self.sends:
             self.client = SidecarClient(cfg, self.counters, self._hello, self._on_connect,
                                         self._on_message, self._on_disconnect, self._stats)
+            # a GPU tap buffer sends bytes from the sender thread: those cannot share a lane
+            self.client.shm.lane_allowed = cfg.shm_lane and not tables.on_device
             if _separate_engine_core(vllm_config):
                 self._view_file = os.path.join(cfg.runtime_dir,
                                                f"featurewatch-{os.getppid()}.policies.json")

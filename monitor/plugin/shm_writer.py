@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from monitor.plugin.config import PluginConfig, grpc_target
+from monitor.plugin.lane import LaneSender
 from monitor.protocol import pb
 from monitor.protocol.shm_ring import RingError, RingWriter
 
@@ -47,8 +48,12 @@ class ShmPath:
 
     def __init__(self, cfg: PluginConfig, counters) -> None:
         self.allowed = bool(cfg.shm and cfg.address and grpc_target(cfg.address).startswith("unix:"))
+        # the lane carries only what the forward thread sends, so only a host tap buffer (whose
+        # steps all go through the ring) uses it: the runtime turns it off for a GPU tap buffer
+        self.lane_allowed = cfg.shm_lane
         self.counters = counters
         self.writer: RingWriter | None = None
+        self.lane: LaneSender | None = None
         self.last_error = ""
 
     @property
@@ -77,15 +82,28 @@ class ShmPath:
             self.counters.shm_attach_failures += 1
             self.last_error = str(exc)[:300]
             logger.warning("featurewatch: shared-memory ring not usable, sending bytes: %s", self.last_error)
+            return
+        if ring.lane and self.lane_allowed:
+            try:
+                self.lane = LaneSender.connect(ring.lane)
+            except OSError as exc:
+                self.counters.lane_connect_failures += 1
+                self.last_error = f"lane: {exc}"[:300]
+                logger.warning("featurewatch: lane %s not usable, descriptors go on the stream: %s", ring.lane, exc)
 
     def detach(self) -> None:
         writer, self.writer = self.writer, None
+        lane, self.lane = self.lane, None
+        if lane is not None:
+            lane.close()
         if writer is not None:
             writer.detach()
 
     def describe(self) -> dict:
         w = self.writer
+        lane = self.lane
         return {"transport": self.transport, "allowed": self.allowed, "last_error": self.last_error,
+                "lane": None if lane is None else {"path": lane.path, "open": lane.opened, "sent": lane.sent},
                 "ring": None if w is None else {"path": w.geometry.path, "slots": w.geometry.n_slots,
                                                 "slot_bytes": w.slot_bytes, "free_slots": w.free_slots()}}
 

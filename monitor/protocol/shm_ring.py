@@ -41,7 +41,7 @@ ALIGN = 64
 FREE, WRITING, READY, HELD = 0, 1, 2, 3
 # slot header words (uint64)
 _SEQ_BEGIN, _SEQ_END, _STATE, _STEP, _NBYTES = range(5)
-_NAME = re.compile(r"^featurewatch-ring-(\d+)-[0-9a-f]{8,32}\.ring$")
+_NAME = re.compile(r"^featurewatch-ring-(\d+)-[0-9a-f]{8,32}\.(ring|lane)$")  # a ring, its lane socket
 
 
 class RingError(Exception):
@@ -289,7 +289,7 @@ class RingWriter:
 
 
 def remove_stale(directory: str | Path) -> list[str]:
-    """Unlink ring files of this user whose sidecar process is gone (a SIGKILLed sidecar cannot
+    """Unlink ring files (and lane sockets) of this user whose sidecar process is gone (a SIGKILLed sidecar cannot
     unlink its own). Returns the names removed."""
     removed = []
     try:

@@ -103,6 +103,8 @@ class PluginStream:
     writing: bool = False  # the handler is waiting for a write to go out (to a plugin that may not read)
     closer: asyncio.Task | None = None
     ring: object = None  # this stream's shared-memory ring (monitor.receive.shm), None: bytes only
+    lane: object = None  # the ring's lane for descriptors and requests (monitor.receive.lane), if any
+    lane_reader: object = None  # reads the lane once the plugin opened it
 
     @property
     def engine(self) -> str:
@@ -243,33 +245,9 @@ class IngestService:
 
     async def _read(self, request_iterator, stream: PluginStream) -> bool:
         """Read until the plugin half-closes; True when the stream broke on an error instead."""
-        sc = self.sidecar
         try:
             async for raw in request_iterator:
-                try:
-                    msg, data = parse_plugin_message(raw)
-                except DecodeError as exc:
-                    sc.metrics.batches_dropped.labels("malformed").inc()
-                    log.debug("undecodable message (%d bytes) on stream %d: %s", len(raw), stream.id, exc)
-                    continue
-                kind = msg.WhichOneof("kind")
-                if kind == "batch":
-                    self._batch(msg.batch, stream, data)
-                elif kind in ("request_start", "request_finish", "stats"):
-                    if len(raw) > MAX_CONTROL_BYTES:
-                        sc.metrics.batches_dropped.labels("control_oversized").inc()
-                        log.debug("%s of %d bytes dropped on stream %d", kind, len(raw), stream.id)
-                        continue
-                    sc.submit(stream, msg)
-                elif kind == "hello":
-                    problem = width_mismatch(msg.hello, getattr(sc, "dictionaries", None))
-                    if problem or len(raw) > MAX_HELLO_BYTES:
-                        stream.end("d_model_mismatch" if problem else "bad_hello", grpc.StatusCode.FAILED_PRECONDITION,
-                                   problem or f"Hello of {len(raw)} bytes > {MAX_HELLO_BYTES}")
-                        return False
-                    stream.hello = msg.hello  # the engine label stays the one the stream started with
-                    sc.attach(stream)
-                if stream.end_reason is not None:
+                if not self._message(raw, stream):
                     return False
             return False
         except asyncio.CancelledError:
@@ -278,10 +256,49 @@ class IngestService:
             if stream.end_reason is not None:  # the sidecar aborted the call: reads fail from then on
                 return False
             log.info("plugin stream %d ended: %s", stream.id, exc)
-            sc.metrics.batches_dropped.labels("transport").inc()
+            self.sidecar.metrics.batches_dropped.labels("transport").inc()
             return True
         finally:
+            self.shm.drain_lane(stream)  # what the plugin sent on its lane before it closed the stream
             stream.outbox.close()  # the handler writes what is queued, then ends
+
+    def _message(self, raw: bytes | None, stream: PluginStream, lane: bool = False) -> bool:
+        """One message from the stream (or, ``lane``, from its lane); False: the stream is ended."""
+        sc = self.sidecar
+        if raw is None:  # a lane packet over MAX_PACKET, cut short
+            sc.metrics.batches_dropped.labels("oversized").inc()
+            return True
+        try:
+            msg, data = parse_plugin_message(raw)
+        except DecodeError as exc:
+            sc.metrics.batches_dropped.labels("malformed").inc()
+            log.debug("undecodable message (%d bytes) on stream %d: %s", len(raw), stream.id, exc)
+            return True
+        kind = msg.WhichOneof("kind")
+        if lane:
+            self.shm.lane_packets.labels(kind or "none").inc()
+            if kind not in ("batch", "request_start", "request_finish", "stats"):
+                sc.metrics.batches_dropped.labels("malformed").inc()
+                return True
+        if kind == "batch":
+            self._batch(msg.batch, stream, data)
+        elif kind in ("request_start", "request_finish", "stats"):
+            if len(raw) > MAX_CONTROL_BYTES:
+                sc.metrics.batches_dropped.labels("control_oversized").inc()
+                log.debug("%s of %d bytes dropped on stream %d", kind, len(raw), stream.id)
+                return True
+            sc.submit(stream, msg)
+        elif kind == "lane_open":
+            self.shm.open_lane(stream, msg.lane_open, lambda packet: self._message(packet, stream, lane=True))
+        elif kind == "hello":
+            problem = width_mismatch(msg.hello, getattr(sc, "dictionaries", None))
+            if problem or len(raw) > MAX_HELLO_BYTES:
+                stream.end("d_model_mismatch" if problem else "bad_hello", grpc.StatusCode.FAILED_PRECONDITION,
+                           problem or f"Hello of {len(raw)} bytes > {MAX_HELLO_BYTES}")
+                return False
+            stream.hello = msg.hello  # the engine label stays the one the stream started with
+            sc.attach(stream)
+        return stream.end_reason is None
 
     def _batch(self, msg: pb.ActivationBatch, stream: PluginStream, data=None) -> None:
         sc = self.sidecar

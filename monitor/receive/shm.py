@@ -8,6 +8,7 @@ malformed batch (`featurewatch_batches_dropped_total{reason}`), and the stream g
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from prometheus_client import Counter, Gauge
@@ -15,6 +16,7 @@ from prometheus_client import Counter, Gauge
 from monitor.protocol import pb
 from monitor.protocol.shm_ring import RingReader, SlotRejected, remove_stale
 from monitor.receive.batch import TORCH_DTYPES, BatchRejected
+from monitor.receive.lane import LaneError, LaneReader
 
 log = logging.getLogger(__name__)
 TRANSPORTS = ("shm", "grpc")
@@ -36,6 +38,11 @@ class ShmIngest:
                                "their activations took.", ["transport"], registry=r)
         self.ring_errors = Counter("featurewatch_shm_ring_errors", "Rings that could not be created (the stream "
                                    "stays on the bytes path).", registry=r)
+        self.lane_packets = Counter("featurewatch_lane_messages", "Plugin messages received through a stream's "
+                                    "lane (monitor/receive/lane.py) instead of the gRPC stream, by kind.",
+                                    ["kind"], registry=r)
+        self.lane_errors = Counter("featurewatch_lane_errors", "Lanes not created or not opened (the stream "
+                                   "keeps its descriptors on the gRPC stream), by reason.", ["reason"], registry=r)
         self._warned = False
         if self.config.enabled:
             for name in remove_stale(self.config.dir):
@@ -67,7 +74,58 @@ class ShmIngest:
                 log.warning("shared-memory ring not created in %s (%s): plugins send activations as bytes",
                             self.config.dir, exc)
             return
-        log.info("plugin stream %d: ring %s, %d slots of %d bytes", stream.id, stream.ring.path, n_slots, slot_bytes)
+        if self.config.lane:
+            try:
+                stream.lane = LaneReader.create(stream.ring.path)
+            except OSError as exc:
+                self.lane_errors.labels("create").inc()
+                log.info("no lane for plugin stream %d (%s): descriptors stay on the stream", stream.id, exc)
+        log.info("plugin stream %d: ring %s, %d slots of %d bytes%s", stream.id, stream.ring.path, n_slots, slot_bytes,
+                 ", lane " + str(stream.lane.path) if stream.lane is not None else "")
+
+    def open_lane(self, stream, request: pb.LaneOpen, on_packet) -> bool:
+        """The plugin's ``LaneOpen``: accept its connection and read the lane on the event loop,
+        ``on_packet(raw)`` per packet (None: oversized). False (counted) if it cannot be opened;
+        the plugin's messages on the lane are then lost, as on a broken stream."""
+        lane = getattr(stream, "lane", None)
+        if lane is None or request.lane != str(lane.path):
+            self.lane_errors.labels("not_announced").inc()
+            log.warning("plugin stream %d: LaneOpen for %r, which is not its lane", stream.id, request.lane[:200])
+            return False
+        try:
+            lane.accept()
+        except OSError as exc:
+            self.lane_errors.labels("accept").inc()
+            log.warning("plugin stream %d: lane not opened: %s", stream.id, exc)
+            lane.close()
+            return False
+        stream.lane_reader = lambda: self._read_lane(stream, on_packet)
+        asyncio.get_running_loop().add_reader(lane.fileno(), stream.lane_reader)
+        return True
+
+    @staticmethod
+    def _read_lane(stream, on_packet) -> None:
+        lane = stream.lane
+        for raw in lane.receive():
+            on_packet(raw)
+        if lane.closed:  # the plugin closed its end: the stream's end cleans up the rest
+            ShmIngest._stop_reading(lane)
+
+    @staticmethod
+    def drain_lane(stream) -> None:
+        """Read what the lane holds now, before the stream's end closes it: nothing sent is lost."""
+        reader = getattr(stream, "lane_reader", None)
+        if reader is not None and not stream.lane.closed:
+            reader()
+
+    @staticmethod
+    def _stop_reading(lane: LaneReader) -> None:
+        if lane.conn is not None:
+            try:
+                asyncio.get_running_loop().remove_reader(lane.fileno())
+            except RuntimeError:  # no loop: nothing reads it
+                pass
+        lane.close()
 
     @staticmethod
     def announce(stream, msg: pb.SidecarMessage) -> pb.SidecarMessage:
@@ -78,7 +136,9 @@ class ShmIngest:
         g = ring.geometry
         out = pb.SidecarMessage()
         out.CopyFrom(msg)
-        out.plan.shm_ring.CopyFrom(pb.ShmRing(path=g.path, slots=g.n_slots, slot_bytes=g.slot_bytes, nonce=g.nonce))
+        lane = getattr(stream, "lane", None)
+        out.plan.shm_ring.CopyFrom(pb.ShmRing(path=g.path, slots=g.n_slots, slot_bytes=g.slot_bytes, nonce=g.nonce,
+                                              lane=str(lane.path) if lane is not None else ""))
         return out
 
     def data(self, stream, msg: pb.ActivationBatch, data):
@@ -103,6 +163,9 @@ class ShmIngest:
 
     @staticmethod
     def close(stream) -> None:
+        lane = getattr(stream, "lane", None)
+        if lane is not None:
+            ShmIngest._stop_reading(lane)
         ring = getattr(stream, "ring", None)
         if ring is not None:
             ring.close()

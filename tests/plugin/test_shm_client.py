@@ -92,7 +92,9 @@ def test_a_unix_socket_sidecar_with_a_ring_gets_the_activations_through_it(sidec
                        "the sidecar to read the step and free its slot")
         wait_until(lambda: processed(sidecar) == 10 * TOKENS, "every token processed")
         assert w.counters.batches_sent_shm == w.counters.batches_sent == 10
+        assert w.counters.lane_sent == 10 and w.client.shm.describe()["lane"]["open"]  # on the lane
         assert by_transport(sidecar, "shm") == 10 and by_transport(sidecar, "grpc") == 0
+        assert metric_value(sidecar.metrics(), "featurewatch_lane_messages_total", kind="batch") == 10
         assert metric_value(sidecar.metrics(), "featurewatch_plugin_streams", transport="shm") == 1
 
 

@@ -181,18 +181,26 @@ class PluginStats(_message.Message):
     def __init__(self, batches_enqueued: _Optional[int] = ..., batches_dropped_queue_full: _Optional[int] = ..., batches_sent: _Optional[int] = ..., tokens_tapped: _Optional[int] = ..., enqueue_seconds_sum: _Optional[float] = ..., enqueue_count: _Optional[int] = ..., reconnects: _Optional[int] = ..., cached_prompt_tokens_untapped: _Optional[int] = ..., steering_rows_applied: _Optional[int] = ..., directives_rejected: _Optional[int] = ..., queue_depth: _Optional[int] = ..., queue_capacity: _Optional[int] = ..., policy_tokens_steered: _Optional[_Mapping[str, int]] = ..., rule_tokens_steered: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class PluginMessage(_message.Message):
-    __slots__ = ("hello", "batch", "request_start", "request_finish", "stats")
+    __slots__ = ("hello", "batch", "request_start", "request_finish", "stats", "lane_open")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_START_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FINISH_FIELD_NUMBER: _ClassVar[int]
     STATS_FIELD_NUMBER: _ClassVar[int]
+    LANE_OPEN_FIELD_NUMBER: _ClassVar[int]
     hello: Hello
     batch: ActivationBatch
     request_start: RequestStart
     request_finish: RequestFinish
     stats: PluginStats
-    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., batch: _Optional[_Union[ActivationBatch, _Mapping]] = ..., request_start: _Optional[_Union[RequestStart, _Mapping]] = ..., request_finish: _Optional[_Union[RequestFinish, _Mapping]] = ..., stats: _Optional[_Union[PluginStats, _Mapping]] = ...) -> None: ...
+    lane_open: LaneOpen
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., batch: _Optional[_Union[ActivationBatch, _Mapping]] = ..., request_start: _Optional[_Union[RequestStart, _Mapping]] = ..., request_finish: _Optional[_Union[RequestFinish, _Mapping]] = ..., stats: _Optional[_Union[PluginStats, _Mapping]] = ..., lane_open: _Optional[_Union[LaneOpen, _Mapping]] = ...) -> None: ...
+
+class LaneOpen(_message.Message):
+    __slots__ = ("lane",)
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    lane: str
+    def __init__(self, lane: _Optional[str] = ...) -> None: ...
 
 class Clamp(_message.Message):
     __slots__ = ("source", "feature", "encoder", "bias", "threshold", "decoder", "value", "gate_encoder", "gate_bias")
@@ -288,16 +296,18 @@ class TapPlan(_message.Message):
     def __init__(self, layers: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[TokenScope, str]] = ..., steering_enabled: _Optional[bool] = ..., steering_failure_mode: _Optional[str] = ..., policies: _Optional[_Iterable[_Union[SteeringPolicy, _Mapping]]] = ..., rules_version: _Optional[int] = ..., max_batch_bytes: _Optional[int] = ..., shm_ring: _Optional[_Union[ShmRing, _Mapping]] = ...) -> None: ...
 
 class ShmRing(_message.Message):
-    __slots__ = ("path", "slots", "slot_bytes", "nonce")
+    __slots__ = ("path", "slots", "slot_bytes", "nonce", "lane")
     PATH_FIELD_NUMBER: _ClassVar[int]
     SLOTS_FIELD_NUMBER: _ClassVar[int]
     SLOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
     path: str
     slots: int
     slot_bytes: int
     nonce: bytes
-    def __init__(self, path: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., nonce: _Optional[bytes] = ...) -> None: ...
+    lane: str
+    def __init__(self, path: _Optional[str] = ..., slots: _Optional[int] = ..., slot_bytes: _Optional[int] = ..., nonce: _Optional[bytes] = ..., lane: _Optional[str] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("step", "credits", "rejected_reason")
