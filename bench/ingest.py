@@ -8,8 +8,9 @@ wire-encoded by the real plugin's encoder and sent from a generator as the plugi
   2. the real `featurewatch serve` process (SAE subset encode + probes + rules) over its Unix socket
      and over TCP loopback (activations as bytes on the gRPC stream), and over the Unix socket with
      the activations in the sidecar's shared-memory ring (`shm`: the sender copies each batch into a
-     slot, as the plugin's forward thread does, and sends a descriptor; when every slot is in use it
-     waits for one, where the plugin would drop the step), open loop at full speed: accepted GB/s,
+     slot, as the plugin's forward thread does, and sends a descriptor on the ring's lane; `shm-s`:
+     the descriptor on the gRPC stream instead; when every slot is in use it waits for one, where the
+     plugin would drop the step), open loop at full speed: accepted GB/s,
      processed tokens/s, drops; 1 and 2 alternate for --rounds rounds and the medians are reported;
   2b. recording off vs on (`record:` at --record-sample, 5 % by default): the same sidecar config with
      and without the flight recorder, fed the same stream (requests finish as they end, so sampled
@@ -94,12 +95,24 @@ def on_the_wire(x: np.ndarray, dtype: str) -> np.ndarray:
 class PluginShmSender:
     """The plugin's own shared-memory step, so the sender column measures the plugin's code: the
     rows copied into a slot (``monitor.plugin.shm_writer.write_step``, one copy) and the descriptor
-    message its client thread sends (``BatchItem.messages``)."""
+    message (``BatchItem.messages``), sent on the ring's lane (``monitor.plugin.lane``, as the
+    forward thread does) or, ``lane=False``, returned for the gRPC stream."""
 
-    def __init__(self, ring: pb.ShmRing) -> None:
+    def __init__(self, ring: pb.ShmRing, lane: bool = True) -> None:
+        from monitor.plugin.lane import LaneSender
         from monitor.protocol.shm_ring import RingWriter
 
         self.writer = RingWriter.attach(ring.path, ring.slots, ring.slot_bytes, ring.nonce)
+        self.lane = LaneSender.connect(ring.lane) if lane and ring.lane else None
+
+    def lane_open(self) -> pb.PluginMessage:
+        """What the plugin sends on the stream before its first message on the lane."""
+        return pb.PluginMessage(lane_open=pb.LaneOpen(lane=self.lane.path))
+
+    def send(self, msg: bytes) -> None:
+        """On the lane; when its buffer is full, wait (the plugin would drop the step)."""
+        while self.lane.send(msg) == "full":
+            time.sleep(0.0005)
 
     def batch(self, step: int, x: np.ndarray, request_ids, token_request, positions, generated) -> bytes | None:
         """The descriptor message of ``x`` [layers, tokens, d] written into a slot; None when every
@@ -169,10 +182,11 @@ def run_sink(port_q, socket_path: str) -> None:
     asyncio.run(main())
 
 
-def blast(address: str, d: int, seconds: float, make, payload: int, shm: bool = False) -> dict:
+def blast(address: str, d: int, seconds: float, make, payload: int, shm: bool = False, lane: bool = True) -> dict:
     """Send ``make(step)`` batches on one Ingest stream as fast as gRPC takes them, for ``seconds``.
     ``payload``: activation bytes per batch. ``shm``: ask for the sidecar's ring and call
-    ``make(step, sender)`` with it (the descriptors then carry no activation bytes).
+    ``make(step, sender)`` with it (the descriptors then carry no activation bytes); they go on
+    the ring's lane unless ``lane`` is false (then on the stream).
 
     The requests are a generator consumed by gRPC's own thread, as in the real plugin's sender
     (``monitor.plugin.client``), so the load generator costs as little as the sidecar lets it."""
@@ -199,7 +213,9 @@ def blast(address: str, d: int, seconds: float, make, payload: int, shm: bool = 
         if shm:
             if not planned.wait(30) or not ring:
                 raise RuntimeError("the sidecar announced no shared-memory ring")
-            sender = PluginShmSender(ring[0])
+            sender = PluginShmSender(ring[0], lane)
+            if sender.lane is not None:
+                yield sender.lane_open()
         while time.perf_counter() - start < seconds:
             sent["batches"] += 1
             msg = make(sent["batches"], sender) if shm else make(sent["batches"])
@@ -207,7 +223,10 @@ def blast(address: str, d: int, seconds: float, make, payload: int, shm: bool = 
                 yield from msg[:-1]
                 msg = msg[-1]
             sent["bytes"] += payload
-            yield msg
+            if shm and sender.lane is not None:
+                sender.send(msg)
+            else:
+                yield msg
 
     for m in stream(requests()):  # plan, acks; ends when the server closes after our half-close
         if m.HasField("plan") and not planned.is_set():
@@ -362,7 +381,7 @@ def with_finishes(step: int, batch: bytes, n_requests: int, phase: str, steps_pe
 
 
 def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, seconds: float, n_requests: int,
-                       finishes: bool = False, shm: bool = False) -> dict:
+                       finishes: bool = False, shm: bool = False, lane: bool = True) -> dict:
     phase = f"blast{time.monotonic_ns()}"
     before = sc.metrics()
     cpu = cpu_seconds(sc.proc.pid)
@@ -372,7 +391,7 @@ def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, 
                   x.nbytes)
     elif shm:
         r = blast(address, d, seconds, lambda step, sender: make_batch(step, x, n_requests, phase, shm=sender), x.nbytes,
-                  shm=True)
+                  shm=True, lane=lane)
     else:
         r = blast(address, d, seconds, lambda step: make_batch(step, x, n_requests, phase), x.nbytes)
     # Wait for the queue to drain so "processed" counts everything accepted.
@@ -397,12 +416,14 @@ def sidecar_throughput(sc: SidecarProcess, address: str, d: int, x: np.ndarray, 
 
 
 def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seconds: float, n_requests: int,
-            wire: str = "fp32", shm: bool = False) -> dict:
+            wire: str = "fp32", shm: bool = False, lane: bool = True) -> dict:
     """Paced load with a planted generated token in every batch; time send -> directive back."""
     before = sc.metrics()
     client = PluginClient(sc.socket_address, d, layers=[1], shm_capable=shm)
     plan = client.plan(timeout=30)
-    sender = PluginShmSender(plan.shm_ring) if shm else None
+    sender = PluginShmSender(plan.shm_ring, lane) if shm else None
+    if sender is not None and sender.lane is not None:
+        client.send(sender.lane_open().SerializeToString())
     xp = x.copy()
     xp[0, -1] += 10 * planted_direction(d)  # the last token of the last request of every batch
     xp = on_the_wire(xp, wire)
@@ -412,11 +433,14 @@ def latency(sc: SidecarProcess, d: int, x: np.ndarray, tokens_per_s: float, seco
     step = 0
     while time.perf_counter() - start < seconds:
         step += 1
-        phase = "latency-shm" if shm else "latency"
+        phase = ("latency-shm" if lane else "latency-shm-s") if shm else "latency"
         t0 = time.perf_counter()
         msg = make_batch(step, xp, n_requests, phase, fresh_last=True, shm=sender)  # one verdict per batch
         sent_at[f"{phase}-step{step}"] = t0  # from before the copy into the slot (bytes: before the send)
-        client.send(msg)
+        if sender is not None and sender.lane is not None:
+            sender.send(msg)
+        else:
+            client.send(msg)
         next_at = start + step * interval
         time.sleep(max(0.0, next_at - time.perf_counter()))
     deadline = time.monotonic() + 30
@@ -466,7 +490,9 @@ def main() -> None:
     senders = sender_steps(x, args.requests, tmp)  # before pipeline_only, which sets torch to one thread
     inproc = pipeline_only(config, args.d, x, args.requests)
     sink = Sink(tmp)
-    paths = ("unix", "tcp", "shm")  # shm: the Unix socket with the activations in the ring
+    # shm: the activations in the ring, descriptors on its lane (the plugin's default); shm-s: the
+    # ring with the descriptors on the gRPC stream (FEATUREWATCH_SHM_LANE=0)
+    paths = ("unix", "tcp", "shm", "shm-s")
     rounds = []
     recording = None
     if not args.no_record and not args.latency_only:
@@ -481,10 +507,10 @@ def main() -> None:
             for _ in range(0 if args.latency_only else args.rounds):  # interleaved, so drifts in machine load hit both sides alike
                 row = {}
                 for path in paths:
-                    if path == "shm":  # no null sink for the ring: compare with the pipeline alone
-                        row["sink_shm"] = row["sink_cpu_shm"] = float("nan")
+                    if path.startswith("shm"):  # no null sink for the ring: compare with the pipeline alone
+                        row[f"sink_{path}"] = row[f"sink_cpu_{path}"] = float("nan")
                         row[path] = sidecar_throughput(sc, sc.socket_address, args.d, x, args.seconds, args.requests,
-                                                       shm=True)
+                                                       shm=True, lane=path == "shm")
                         continue
                     row[f"sink_{path}"], row[f"sink_cpu_{path}"] = sink.throughput(path, args.d, x, args.seconds, args.requests)
                     row[path] = sidecar_throughput(sc, addresses[path], args.d, x, args.seconds, args.requests)
@@ -497,6 +523,7 @@ def main() -> None:
             load = args.latency_load if args.latency_load else capacity * args.nominal
             lat = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype)
             lat_shm = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype, shm=True)
+            lat_shm_stream = latency(sc, args.d, x32, load, args.seconds, args.requests, args.dtype, shm=True, lane=False)
     finally:
         if recording is not None:
             recording.stop()
@@ -508,7 +535,8 @@ def main() -> None:
             report_recording(rounds, args)
     print("\nthe plugin's sender work per step alone (this process, no gRPC or sidecar), CPU-s/GB: "
           + ", ".join(f"{name} {v:.3f}" for name, v in senders.items()))
-    for name, r in (("unix socket, bytes", lat), ("unix socket, shm ring", lat_shm)):
+    for name, r in (("unix socket, bytes", lat), ("shm ring, descriptors on its lane", lat_shm),
+                    ("shm ring, descriptors on the stream", lat_shm_stream)):
         print(f"\nlatency at {r['offered_tokens_per_s']:.0f} tokens/s offered ({name}): "
               f"batch built -> steering directive p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms "
               f"({r['directives']}/{r['batches']} directives); sidecar token_to_verdict p99 <= "
@@ -535,7 +563,8 @@ def report_rounds(rounds, paths, inproc, capacity, args, x) -> None:
     print(f"pipeline alone (one thread, no transport): {inproc:.0f} tokens/s = {inproc * args.d * x.itemsize / 1e9:.2f} GB/s {args.dtype}; "
           f"the sidecar reached (median) " + ", ".join(
               f"{path} {float(np.median([row[path]['tokens_per_s'] for row in rounds])) / inproc:.2f}" for path in paths)
-          + " of it. shm has no null sink (ratio nan); its sender waits for a free slot where the plugin would drop")
+          + " of it. shm: descriptors on the ring's lane, shm-s: on the gRPC stream; neither has a null sink (ratio nan);"
+          " their sender waits for a free slot where the plugin would drop")
 
 def report_recording(rounds, args) -> None:
     print(f"\nrecording off vs on (record.sample {args.record_sample}, unix socket, requests finishing every 64 steps)")

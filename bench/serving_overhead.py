@@ -12,7 +12,11 @@ already differ by a few percent:
   server (in this process) that drains everything it receives; the sink offers a shared-memory
   ring as the sidecar does, so the activations go through it (the plugin's default path);
 * ``monitoring_bytes`` — the same with ``FEATUREWATCH_SHM=0``: the activations as bytes on the
-  gRPC stream. ``--transport shm|bytes|both`` picks the monitoring configurations (default both).
+  gRPC stream;
+* ``monitoring_stream`` — the ring, with its descriptors and requests on the gRPC stream instead of
+  the ring's lane (``FEATUREWATCH_SHM_LANE=0``).
+``--transport shm|bytes|both|lane`` picks the monitoring configurations (default both: monitoring
+and monitoring_bytes; lane: monitoring and monitoring_stream).
 
 Prints per-round tokens/s (wall clock, and per CPU-second of the engine process, which a shared
 machine disturbs less), medians and the ratios to ``off`` (the goal on CPU is >= 97 %).
@@ -44,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # --baseline: that engine imports the plugin from another checkout (an older commit's worktree)
 sys.path.insert(0, os.environ.get("FEATUREWATCH_BENCH_ROOT") or str(ROOT))
 
-CONFIGS = ("off", "idle", "monitoring", "monitoring_bytes", "monitoring_baseline")
+CONFIGS = ("off", "idle", "monitoring", "monitoring_bytes", "monitoring_stream", "monitoring_baseline")
 
 
 # ---------------------------------------------------------------- the engine side (subprocess)
@@ -101,18 +105,21 @@ def engine_main(args) -> None:
 
 
 class Sink:
-    """Drains every stream. A plugin that says ``shm_capable`` gets a ring (created as the sidecar
-    creates it, in ``ring_dir``) in its plan; a batch that names a slot is taken and let go at once."""
+    """Drains every stream. A plugin that says ``shm_capable`` gets a ring and its lane (created as
+    the sidecar creates them, in ``ring_dir``) in its plan; a batch that names a slot is taken and
+    let go at once, whether its descriptor came on the stream or on the lane."""
 
     def __init__(self, address: str, layers: list[int], ring_dir: str) -> None:
         import grpc
 
         from monitor.protocol import pb, pb_grpc
         from monitor.protocol.shm_ring import RingReader
+        from monitor.receive.lane import LaneReader
 
         self.received_bytes = 0
         self.batches = 0
         self.shm_batches = 0
+        self.lanes = 0
         sink = self
 
         class Servicer(pb_grpc.IngestServicer):
@@ -121,33 +128,52 @@ class Sink:
 
                 out: queue.Queue = queue.Queue()
                 ring: list = []
+                lane: list = []
+
+                def batch(b) -> None:
+                    sink.batches += 1
+                    if b.HasField("shm_slot"):
+                        ref = b.shm_slot
+                        ring[0].take(ref.slot, ref.sequence, b.step, ref.nbytes)  # freed at once
+                        sink.shm_batches += 1
+                        sink.received_bytes += ref.nbytes
+                    else:
+                        sink.received_bytes += len(b.activations.data)
+
+                def read_lane() -> None:
+                    import select
+
+                    while not lane[0].closed:
+                        select.select([lane[0].fileno()], [], [], 1.0)
+                        for raw in lane[0].receive():
+                            m = pb.PluginMessage.FromString(raw)
+                            if m.WhichOneof("kind") == "batch":
+                                batch(m.batch)
 
                 def read():
                     try:
                         for m in request_iterator:
-                            if m.WhichOneof("kind") == "hello":
+                            if m.WhichOneof("kind") == "lane_open":
+                                lane[0].accept()
+                                sink.lanes += 1
+                                threading.Thread(target=read_lane, daemon=True).start()
+                            elif m.WhichOneof("kind") == "hello":
                                 plan = pb.TapPlan(layers=layers, steering_enabled=True, steering_failure_mode="open")
                                 h = m.hello
                                 if h.shm_capable:
                                     step = max(1, h.max_tokens_per_step) * len(layers) * h.d_model * 4
                                     ring.append(RingReader.create(ring_dir, 16, min(step, 16 << 20)))
+                                    lane.append(LaneReader.create(ring[0].path))
                                     g = ring[0].geometry
                                     plan.shm_ring.CopyFrom(pb.ShmRing(path=g.path, slots=g.n_slots,
-                                                                      slot_bytes=g.slot_bytes, nonce=g.nonce))
+                                                                      slot_bytes=g.slot_bytes, nonce=g.nonce,
+                                                                      lane=str(lane[0].path)))
                                 out.put(pb.SidecarMessage(plan=plan))
                             elif m.WhichOneof("kind") == "batch":
-                                sink.batches += 1
-                                b = m.batch
-                                if b.HasField("shm_slot"):
-                                    ref = b.shm_slot
-                                    ring[0].take(ref.slot, ref.sequence, b.step, ref.nbytes)  # freed at once
-                                    sink.shm_batches += 1
-                                    sink.received_bytes += ref.nbytes
-                                else:
-                                    sink.received_bytes += len(b.activations.data)
+                                batch(m.batch)
                     except grpc.RpcError:
                         pass
-                    for r in ring:
+                    for r in ring + lane:
                         r.close()
                     out.put(None)
 
@@ -220,8 +246,9 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="torch.compile instead of eager")
     ap.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each engine")
     ap.add_argument("--replicas", type=int, default=3, help="engine processes per configuration")
-    ap.add_argument("--transport", choices=("shm", "bytes", "both"), default="both",
-                    help="monitoring through the shared-memory ring, bytes on the stream, or both side by side")
+    ap.add_argument("--transport", choices=("shm", "bytes", "both", "lane"), default="both",
+                    help="monitoring through the shared-memory ring, bytes on the stream, or both side by side; "
+                         "lane: the ring with its lane and with the descriptors on the stream, side by side")
     ap.add_argument("--baseline", metavar="CHECKOUT", default=None,
                     help="also run monitoring_baseline: the ring path with the plugin imported from "
                          "CHECKOUT (e.g. `git worktree add /tmp/old HEAD~1`), side by side with this one")
@@ -243,7 +270,8 @@ def main() -> None:
     ring_dir = tempfile.mkdtemp(prefix="fw_bench_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     sink = Sink(sock, layers, ring_dir)
     configs = CONFIGS[:2] + {"shm": ("monitoring",), "bytes": ("monitoring_bytes",),
-                             "both": ("monitoring", "monitoring_bytes")}[args.transport]
+                             "both": ("monitoring", "monitoring_bytes"),
+                             "lane": ("monitoring", "monitoring_stream")}[args.transport]
     if args.baseline:
         configs += ("monitoring_baseline",)
     base = dict(os.environ)
@@ -271,6 +299,7 @@ def main() -> None:
                        "FEATUREWATCH_LAYERS": args.tap_layers, "FEATUREWATCH_RUNTIME_DIR": tmp},
     }
     envs["monitoring_bytes"] = {**envs["monitoring"], "FEATUREWATCH_SHM": "0"}
+    envs["monitoring_stream"] = {**envs["monitoring"], "FEATUREWATCH_SHM_LANE": "0"}
     if args.baseline:
         envs["monitoring_baseline"] = {**envs["monitoring"],
                                        "FEATUREWATCH_BENCH_ROOT": str(Path(args.baseline).resolve())}
@@ -319,7 +348,7 @@ def main() -> None:
                   f"{100 * paired[c]:6.1f} % median of per-round ratios")
     for c in configs[2:]:
         print(f"{c}: {results[c][-1]['status']}")
-    print(f"sink received {sink.batches} batches ({sink.shm_batches} through the ring), "
+    print(f"sink received {sink.batches} batches ({sink.shm_batches} through the ring; {sink.lanes} lanes opened), "
           f"{sink.received_bytes / 2**20:.1f} MiB")
     sink.server.stop(None)
 

@@ -131,8 +131,9 @@ def test_sidecar_killed_under_traffic(stack):
     traffic.submit(after)
     c1 = _check(stack, traffic, "kill", c0)
     assert c1["reconnects"] > c0["reconnects"]
-    if stack.transport == "shm":  # the new process's ring, attached again
+    if stack.transport == "shm":  # the new process's ring, attached again, and its lane opened
         assert c1["shm_attaches"] > c0["shm_attaches"] and stack.server.worker()["transport"] == "shm"
+        _lane_carried_the_after_part(stack, c0)
 
 
 def test_sidecar_hung_under_traffic(stack):
@@ -155,6 +156,15 @@ def test_sidecar_hung_under_traffic(stack):
     if stack.transport == "shm":  # MAX_TOKENS decode steps while stopped > the ring's 16 slots
         assert c1["shm_ring_full"] > c0["shm_ring_full"]
         assert stack.server.worker()["transport"] == "shm"
+        _lane_carried_the_after_part(stack, c0)
+
+
+def _lane_carried_the_after_part(stack: Stack, c0: dict) -> None:
+    """The descriptors and requests went on the ring's lane (the forward thread's socket), and the
+    lane in use now is open."""
+    worker = stack.server.worker()
+    assert worker["counters"]["lane_sent"] > c0["lane_sent"]
+    assert worker["shm"]["lane"] is not None and worker["shm"]["lane"]["open"]
 
 
 def test_sidecar_restarted_under_traffic(stack):
@@ -170,5 +180,6 @@ def test_sidecar_restarted_under_traffic(stack):
     traffic.submit(after)
     c1 = _check(stack, traffic, "restart", c0)
     assert c1["reconnects"] > c0["reconnects"]
-    if stack.transport == "shm":  # the new process's ring, attached again
+    if stack.transport == "shm":  # the new process's ring, attached again, and its lane opened
         assert c1["shm_attaches"] > c0["shm_attaches"] and stack.server.worker()["transport"] == "shm"
+        _lane_carried_the_after_part(stack, c0)
