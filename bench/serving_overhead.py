@@ -249,6 +249,8 @@ def main() -> None:
     ap.add_argument("--transport", choices=("shm", "bytes", "both", "lane"), default="both",
                     help="monitoring through the shared-memory ring, bytes on the stream, or both side by side; "
                          "lane: the ring with its lane and with the descriptors on the stream, side by side")
+    ap.add_argument("--sink-cpus", choices=("other", "any"), default="other",
+                    help="the sink's cores: those the engines do not use (default), or any (unpinned)")
     ap.add_argument("--baseline", metavar="CHECKOUT", default=None,
                     help="also run monitoring_baseline: the ring path with the plugin imported from "
                          "CHECKOUT (e.g. `git worktree add /tmp/old HEAD~1`), side by side with this one")
@@ -257,6 +259,16 @@ def main() -> None:
         args.config = args.engine
         return engine_main(args)
 
+    # One OpenMP thread per engine: on a shared box, OpenMP barriers spin-wait whenever another
+    # process holds a core, which swings throughput 10x between rounds whatever the plugin does.
+    # All engines on the same core(s): they take turns, and no engine gets a quieter core.
+    cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
+    # The sink (the sidecar's stand-in, in this process) on the other cores, as a sidecar container
+    # with its own CPU: unpinned, a socket's wake-up puts it on the waker's core (the engine's).
+    # Set before any thread starts, so every thread of this process inherits it.
+    rest = sorted(set(os.sched_getaffinity(0)) - set(cpus))
+    if args.sink_cpus == "other" and rest:
+        os.sched_setaffinity(0, rest)
     tmp = tempfile.mkdtemp(prefix="fw_bench_")
     if args.model is None:
         from tests.plugin.tiny_model import build_tiny_llama
@@ -277,10 +289,6 @@ def main() -> None:
     base = dict(os.environ)
     for var in ("VLLM_CACHE_ROOT", "TORCHINDUCTOR_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME"):
         base[var] = os.path.join(tmp, var.lower())
-    # One OpenMP thread per engine: on a shared box, OpenMP barriers spin-wait whenever another
-    # process holds a core, which swings throughput 10x between rounds whatever the plugin does.
-    # All engines on the same core(s): they take turns, and no engine gets a quieter core.
-    cpus = sorted(os.sched_getaffinity(0))[-args.threads:]
     base.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_NO_USAGE_STATS="1",
                 HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(args.threads),
                 VLLM_CPU_OMP_THREADS_BIND=",".join(map(str, cpus)),
@@ -305,7 +313,8 @@ def main() -> None:
                                        "FEATUREWATCH_BENCH_ROOT": str(Path(args.baseline).resolve())}
     print(f"model {args.model} (hidden {args.hidden}, {args.layers} layers, {args.dtype}, "
           f"{'compile' if args.compile else 'eager'}); workload {args.requests} requests x "
-          f"({args.prompt} prompt + {args.gen} generated) tokens; monitoring layers {layers}",
+          f"({args.prompt} prompt + {args.gen} generated) tokens; monitoring layers {layers}; "
+          f"engines on cores {cpus}, the sink on {sorted(os.sched_getaffinity(0))}",
           flush=True)
     engines: dict[tuple[str, int], EngineProc] = {}
     try:
@@ -320,12 +329,14 @@ def main() -> None:
             e.run(10_000)
         # per round and config: the mean over replicas (processes differ by a few % on their own)
         results: dict[str, list[dict]] = {c: [] for c in configs}
+        per_engine: dict[tuple[str, int], list[float]] = {}
         keys = list(engines)
         for r in range(args.rounds):
             shift = r % len(keys)
             got: dict[str, list[dict]] = {c: [] for c in configs}
             for key in keys[shift:] + keys[:shift]:
                 got[key[0]].append(engines[key].run(r))
+                per_engine.setdefault(key, []).append(got[key[0]][-1]["tokens_per_s"])
             for c in configs:
                 mean = {k: statistics.fmean(x[k] for x in got[c])
                         for k in ("tokens_per_s", "tokens_per_cpu_s")}
@@ -346,6 +357,9 @@ def main() -> None:
         for c in configs[1:]:
             print(f"{c:>10} / off: {100 * med[c] / med['off']:6.1f} % of medians, "
                   f"{100 * paired[c]:6.1f} % median of per-round ratios")
+    print("\nmedian tokens/s (wall) of each engine process (replicas of one configuration differ by "
+          "their own few %): " + "  ".join(
+              f"{c}#{rep} {statistics.median(v):.1f}" for (c, rep), v in sorted(per_engine.items())))
     for c in configs[2:]:
         print(f"{c}: {results[c][-1]['status']}")
     print(f"sink received {sink.batches} batches ({sink.shm_batches} through the ring; {sink.lanes} lanes opened), "

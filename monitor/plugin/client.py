@@ -3,7 +3,9 @@ background thread that reconnects with jittered exponential backoff.
 
 The forward thread only ever calls :meth:`SidecarClient.offer` (never blocks: a full queue drops the
 item and counts it). Serialisation of activation batches (a device→host copy already made by the
-forward thread, then ``tobytes``) happens on gRPC's request-iterator thread.
+forward thread, then ``tobytes``) happens on gRPC's request-iterator thread. Once the ring's lane
+is open (monitor/plugin/lane.py), ``offer`` sends descriptors, RequestStarts and RequestFinishes
+on it itself, and the stream carries only the Hello, LaneOpen and stats.
 """
 
 from __future__ import annotations

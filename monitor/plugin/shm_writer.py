@@ -1,12 +1,14 @@
 """The plugin's shared-memory path: the forward thread copies a step's tapped rows straight into a
-slot of the ring the sidecar announced, and the stream carries only a descriptor.
+slot of the ring the sidecar announced, and sends only a descriptor: on the ring's lane when the
+sidecar offers one (monitor/plugin/lane.py), else on the gRPC stream.
 
 Chosen per stream and per step, never required: the plugin asks for a ring only over a Unix
 socket (``Hello.shm_capable``); it attaches only to the ring its sidecar announced in the TapPlan
-(same owner, mode 0600, matching nonce: monitor/protocol/shm_ring.py); a step larger than a slot,
-a GPU tap buffer, or any attach failure sends bytes as before. A stream that ends detaches, and the
-next plan (a restarted sidecar's new ring) attaches again. A full ring drops the step and counts
-it (``batches_dropped_queue_full`` and ``shm_ring_full``): the forward never waits.
+(same owner, mode 0600, matching nonce: monitor/protocol/shm_ring.py); a GPU tap buffer, or any
+attach failure, sends bytes as before; a step larger than a slot takes several slots. A stream
+that ends detaches (ring and lane), and the next plan (a restarted sidecar's new ring) attaches
+again. A full ring drops the step and counts it (``batches_dropped_queue_full`` and
+``shm_ring_full``): the forward never waits.
 """
 
 from __future__ import annotations

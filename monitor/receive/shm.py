@@ -63,7 +63,7 @@ class ShmIngest:
             layers &= set(hello.available_layers)
         step_bytes = max(1, hello.max_tokens_per_step) * max(1, len(layers)) * hello.d_model * elsize
         limit = min(self.sidecar.config.limits.max_batch_bytes, self.config.max_bytes // self.config.slots)
-        slot_bytes = max(hello.d_model * elsize, min(step_bytes, limit))
+        slot_bytes = max(hello.d_model * elsize * max(1, len(layers)), min(step_bytes, limit))  # one token fits
         n_slots = max(2, min(self.config.slots, self.config.max_bytes // slot_bytes))
         try:
             stream.ring = RingReader.create(self.config.dir, n_slots, slot_bytes)

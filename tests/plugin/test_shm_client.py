@@ -39,12 +39,13 @@ def sidecar(tmp_path):
 class Worker:
     """The parts of the worker's Runtime that ``harvest`` reads, around a real client."""
 
-    def __init__(self, address: str, shm: bool = True) -> None:
-        cfg = PluginConfig(address=address, shm=shm, backoff_initial_s=0.05, backoff_max_s=0.2,
+    def __init__(self, address: str, shm: bool = True, lane: bool = True, hello_tokens: int = TOKENS) -> None:
+        cfg = PluginConfig(address=address, shm=shm, shm_lane=lane, backoff_initial_s=0.05, backoff_max_s=0.2,
                            queue_batches=8, stats_interval_s=0.5)
         self.counters = Counters()
         self.client = SidecarClient(cfg, self.counters, hello=lambda: pb.Hello(
-            model_name="test-model", d_model=D, available_layers=[1], dtype=pb.FLOAT32, max_tokens_per_step=TOKENS),
+            model_name="test-model", d_model=D, available_layers=[1], dtype=pb.FLOAT32,
+            max_tokens_per_step=hello_tokens),
             on_connect=lambda: [], on_message=lambda m: None, on_disconnect=lambda: None,
             stats=lambda: pb.PluginStats())
         tap = torch.zeros(1, TOKENS, D)
@@ -96,6 +97,34 @@ def test_a_unix_socket_sidecar_with_a_ring_gets_the_activations_through_it(sidec
         assert by_transport(sidecar, "shm") == 10 and by_transport(sidecar, "grpc") == 0
         assert metric_value(sidecar.metrics(), "featurewatch_lane_messages_total", kind="batch") == 10
         assert metric_value(sidecar.metrics(), "featurewatch_plugin_streams", transport="shm") == 1
+
+
+def test_with_the_lane_off_the_descriptors_go_on_the_stream(sidecar):
+    with Worker(sidecar.socket_address, lane=False) as w:
+        wait_until(lambda: w.client.connected and w.client.transport == "shm", "the plugin on the ring")
+        for _ in range(3):
+            w.step()
+            wait_until(lambda: w.client.shm.writer.free_slots() == SLOTS, "the step read and its slot freed")
+        wait_until(lambda: processed(sidecar) == 3 * TOKENS, "every token processed")
+        assert w.counters.batches_sent_shm == 3 and w.counters.lane_sent == 0
+        assert w.client.shm.describe()["lane"] is None
+        assert by_transport(sidecar, "shm") == 3
+        assert metric_value(sidecar.metrics(), "featurewatch_lane_messages_total", kind="batch") == 0
+
+
+def test_a_step_larger_than_a_slot_is_written_into_several_slots(sidecar):
+    """The Hello promises 2-token steps (the sidecar sizes slots for them); 6-token steps come."""
+    with Worker(sidecar.socket_address, hello_tokens=2) as w:
+        wait_until(lambda: w.client.connected and w.client.transport == "shm", "the plugin on the ring")
+        assert w.client.shm.writer.slot_bytes == 2 * D * 4
+        for _ in range(4):
+            w.step()
+            wait_until(lambda: w.client.shm.writer.free_slots() == SLOTS, "the parts read and their slots freed")
+        wait_until(lambda: processed(sidecar) == 4 * TOKENS, "every token of every step processed")
+        assert w.counters.shm_steps_split == 4 and w.counters.shm_steps_as_bytes == 0
+        assert w.counters.batches_sent_shm == w.counters.lane_sent == 4 * 3
+        assert by_transport(sidecar, "shm") == 12 and by_transport(sidecar, "grpc") == 0
+        assert metric_value(sidecar.metrics(), "featurewatch_batches_dropped_total") == 0
 
 
 @pytest.mark.parametrize("how", ["tcp", "shm off"])
@@ -182,7 +211,7 @@ w.client.start()
 wait_until(lambda: w.client.connected and w.client.transport == "shm", "the plugin on the ring")
 for _ in range(3):
     w.step()
-wait_until(lambda: w.client.queue_depth == 0, "the steps sent")
+wait_until(lambda: w.client.queue_depth == 0 and w.client._q.empty(), "the steps sent")
 print("sent", w.client.shm.writer.name, flush=True)
 time.sleep(600)  # until killed
 """
@@ -203,6 +232,9 @@ def test_a_restarted_plugin_gets_a_fresh_ring_and_the_old_one_is_removed(sidecar
             line = proc.stdout.readline()
             assert line.startswith("sent "), line
             old = line.split()[1]
+            # received before the kill (steps sent on the lane are read once LaneOpen, queued on
+            # the stream, has reached the sidecar: a kill before that loses them, as it loses a queue)
+            wait_until(lambda: processed(sidecar) == 3 * TOKENS, "the old plugin's steps")
         finally:
             proc.kill()
             proc.wait()

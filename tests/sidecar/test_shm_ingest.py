@@ -63,15 +63,19 @@ def wait(pred, what: str, timeout: float = 60.0):
     return value
 
 
-def run_workload(sidecar, shm: bool) -> dict:
-    """Send the workload over one path; what the sidecar made of it."""
+def run_workload(sidecar, shm: bool, lane: bool = False) -> dict:
+    """Send the workload over one path (``lane``: the ring, with the requests and descriptors on
+    its lane, as the plugin does); what the sidecar made of it."""
     client = PluginClient(sidecar.socket_address, D, shm_capable=shm)
     try:
         plan = client.plan()
         assert plan.HasField("shm_ring") == shm
-        sender = ShmSender(plan.shm_ring) if shm else None
+        sender = ShmSender(plan.shm_ring, lane=lane) if shm else None
+        send = client.send if sender is None or sender.lane is None else sender.send_on_lane
+        if lane:
+            client.send(sender.lane_open())
         for rid in RIDS:
-            client.start_request(rid, rid.rsplit("-", 1)[0])
+            send(PluginClient.start_message(rid, rid.rsplit("-", 1)[0]))
         for step in range(1, STEPS + 1):
             x, token_request, positions, generated = step_batch(step)
             if sender is None:
@@ -79,7 +83,7 @@ def run_workload(sidecar, shm: bool) -> dict:
             else:  # the ring has 4 slots: wait for the sidecar to free one (the real plugin drops instead)
                 msg = wait(lambda: sender.batch(step, [1], x, RIDS, token_request, positions, generated),
                            "a free slot")
-            client.send(msg)
+            send(msg)
         want = STEPS * TOKENS
         wait(lambda: sum(metric_value(sidecar.metrics(), "featurewatch_tokens_processed_total", layer="1", scope=s)
                          for s in ("prompt", "generated")) >= want, "every token processed")

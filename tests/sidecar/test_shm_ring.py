@@ -156,14 +156,16 @@ def test_attach_refuses_wrong_nonce_mode_owner_or_size(tmp_path):
     reader.close()
 
 
-def test_remove_stale_unlinks_only_dead_sidecars_rings(tmp_path):
+def test_remove_stale_unlinks_only_dead_sidecars_rings_and_lanes(tmp_path):
     live = RingReader.create(tmp_path, 1, 64)
     dead = tmp_path / "featurewatch-ring-999999999-0123456789abcdef.ring"
     dead.write_bytes(b"")
+    dead_lane = dead.with_suffix(".lane")
+    dead_lane.write_bytes(b"")
     other = tmp_path / "unrelated.ring"
     other.write_bytes(b"")
-    assert remove_stale(tmp_path) == [dead.name]
-    assert live.path.exists() and other.exists() and not dead.exists()
+    assert sorted(remove_stale(tmp_path)) == sorted([dead.name, dead_lane.name])
+    assert live.path.exists() and other.exists() and not dead.exists() and not dead_lane.exists()
     live.close()
 
 

@@ -59,8 +59,12 @@ class PluginClient:
         self._out.put(msg)
 
     def start_request(self, request_id: str, api_request_id: str = "", metadata=None, traceparent: str = "") -> None:
-        self.send(pb.PluginMessage(request_start=pb.RequestStart(request_id=request_id, api_request_id=api_request_id,
-                                                                 metadata=metadata or {}, traceparent=traceparent)))
+        self.send(self.start_message(request_id, api_request_id, metadata, traceparent))
+
+    @staticmethod
+    def start_message(request_id: str, api_request_id: str = "", metadata=None, traceparent: str = "") -> pb.PluginMessage:
+        return pb.PluginMessage(request_start=pb.RequestStart(request_id=request_id, api_request_id=api_request_id,
+                                                              metadata=metadata or {}, traceparent=traceparent))
 
     def finish_request(self, request_id: str) -> None:
         self.send(pb.PluginMessage(request_finish=pb.RequestFinish(request_id=request_id)))
